@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh Debian machine with Python 3.11:
+#   make run   - create .venv, install, load demo data into ./var, start `hie serve`
+#   make test  - create .venv, install, run every quality gate and the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint typecheck importlint pytest bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/hie db migrate
+	$(BIN)/hie demo --if-empty
+	$(BIN)/hie serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check hie tests bench
+	$(BIN)/ruff format --check hie tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+importlint: $(STAMP)
+	$(BIN)/lint-imports
+
+pytest: $(STAMP)
+	$(BIN)/pytest -n 2 --dist loadgroup --cov=hie --cov-report=term:skip-covered $(PYTEST_ARGS)
+
+test: lint typecheck importlint pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/fhir_store.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

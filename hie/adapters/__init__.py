@@ -1,0 +1,1 @@
+"""hie.adapters: built by a later issue (see DESIGN.md roadmap)."""

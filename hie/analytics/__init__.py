@@ -1,0 +1,1 @@
+"""hie.analytics: built by a later issue (see DESIGN.md roadmap)."""

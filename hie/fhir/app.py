@@ -1,0 +1,158 @@
+"""The HTTP application: FHIR API, health, metrics, request ids, errors as OperationOutcome.
+
+``create_app(settings)`` builds everything from settings (tests build their own); later parts
+(DICOMweb, portal, dashboards) add their routers here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hie import __version__
+from hie.fhir.api import FhirApi, fhir_response
+from hie.fhir.indexing import SearchIndexer
+from hie.fhir.service import FhirService, error_outcome, outcome
+from hie.hub import logging as hlog
+from hie.hub.errors import HieError
+from hie.hub.runtime import Hub, open_hub
+from hie.hub.settings import Settings
+
+log = hlog.get_logger("hie.http")
+
+REQUESTS = Counter("hie_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "hie_http_request_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+class RequestContext:
+    """ASGI middleware: a request id on every response and log line, metrics per route."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:64]
+        rid = rid or uuid.uuid4().hex
+        token = hlog.request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            REQUESTS.labels(scope["method"], path, str(status)).inc()
+            LATENCY.labels(scope["method"], path).observe(elapsed)
+            if status >= 500:
+                log.error("request failed", method=scope["method"], route=path, status=status)
+            hlog.request_id.reset(token)
+
+
+def create_app(
+    settings: Settings, hub: Hub | None = None, *, start_worker: bool | None = None
+) -> FastAPI:
+    """Build the HTTP app over ``hub`` (opened from settings when not given)."""
+    hub = hub or open_hub(settings)
+    if not hub.consumers and settings.search_url:
+        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+    service = FhirService(hub.store, settings, search_index=lambda: hub.search_index)
+    run_worker = settings.worker if start_worker is None else start_worker
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if run_worker:
+            hub.start_worker()
+        yield
+        hub.close()
+
+    app = FastAPI(
+        title="HIE hub",
+        version=__version__,
+        description="Regional health information exchange hub — FHIR R4 API",
+        lifespan=lifespan,
+    )
+    app.state.hub = hub
+    app.state.fhir = service
+
+    @app.exception_handler(HieError)
+    async def hie_error(_request: Request, exc: HieError) -> Response:
+        if exc.status >= 500:
+            log.error("hub error", code=exc.code, error=exc.message)
+        return fhir_response(error_outcome(exc), exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> Response:
+        code = (
+            "not-found"
+            if exc.status_code == 404
+            else "not-supported"
+            if exc.status_code == 405
+            else "processing"
+        )
+        return fhir_response(outcome("error", code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        return fhir_response(outcome("error", "invalid", str(exc.errors()[:3])), 400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", error_type=type(exc).__name__)
+        return fhir_response(
+            outcome("fatal", "exception", "internal error; see the hub's log"), 500
+        )
+
+    @app.get("/healthz", include_in_schema=True)
+    def healthz() -> dict[str, Any]:
+        acked, newest = (0, 0)
+        try:
+            hub.store.read("Patient", "-healthz-")
+            db = "ok"
+            if hub.consumers:
+                acked, newest = hub.store.outbox_position(hub.consumers[0].name)
+        except HieError as exc:
+            db = f"error: {exc.message}"
+        return {
+            "status": "ok" if db == "ok" else "degraded",
+            "database": db,
+            "outbox_lag": max(0, newest - acked),
+            "version": __version__,
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(FhirApi(service, settings).router)
+    app.add_middleware(RequestContext)
+    return app

@@ -1,0 +1,107 @@
+"""The CapabilityStatement: generated from what the code supports, so it cannot drift."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hie import __version__
+from hie.fhir.model import FHIR_VERSION
+from hie.fhir.search import describe
+from hie.fhir.searchparams import params_for, supported_types
+from hie.hub.settings import Settings
+
+_INTERACTIONS = [
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+]
+
+
+def _resource(rtype: str) -> dict[str, Any]:
+    refs = [p for p in params_for(rtype).values() if p.kind == "reference"]
+    out: dict[str, Any] = {
+        "type": rtype,
+        "interaction": [{"code": c} for c in _INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "modified-since",
+        "conditionalUpdate": True,
+        "conditionalDelete": "single",
+        "referencePolicy": ["literal", "logical"],
+        "searchInclude": [f"{rtype}:{p.name}" for p in refs] + ([f"{rtype}:*"] if refs else []),
+        "searchRevInclude": [],
+        "searchParam": describe(rtype),
+    }
+    if rtype == "Patient":
+        out["operation"] = [
+            {
+                "name": "everything",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            }
+        ]
+    return out
+
+
+def capability_statement(base: str, settings: Settings) -> dict[str, Any]:
+    """The server's CapabilityStatement (FHIR R4 §3.1.0.15)."""
+    types = [t for t in supported_types() if t != "Binary"]
+    resources = [_resource(t) for t in types]
+    for res in resources:
+        res["searchRevInclude"] = [
+            f"{src}:{p.name}"
+            for src in types
+            for p in params_for(src).values()
+            if p.kind == "reference" and (not p.targets or res["type"] in p.targets)
+        ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-23",
+        "publisher": "hie",
+        "kind": "instance",
+        "software": {
+            "name": "hie — regional health information exchange hub",
+            "version": __version__,
+        },
+        "implementation": {"description": "Regional HIE hub FHIR API", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [
+            {
+                "mode": "server",
+                "security": {
+                    "cors": False,
+                    "description": "Development build: no authentication yet (see issue #5)."
+                    if settings.env == "development"
+                    else "OAuth2 bearer tokens (SMART on FHIR).",
+                },
+                "resource": resources,
+                "interaction": [
+                    {"code": "transaction"},
+                    {"code": "batch"},
+                    {"code": "search-system"},
+                    {"code": "history-system"},
+                ],
+                "searchParam": [
+                    {"name": "_id", "type": "token"},
+                    {"name": "_lastUpdated", "type": "date"},
+                    {"name": "_type", "type": "token"},
+                ],
+                "operation": [
+                    {
+                        "name": "validate",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    }
+                ],
+            }
+        ],
+    }

@@ -1,0 +1,610 @@
+"""FHIR operations without HTTP: create, read, update, patch, delete, search, history,
+transaction/batch, ``$everything`` and ``$validate``.
+
+The HTTP layer (:mod:`hie.fhir.api`) and the protocol adapters call these; every failure is a
+:class:`~hie.hub.errors.HieError`. Stored JSON is served as bytes and embedded into bundles as
+``orjson.Fragment`` — resources are parsed only when ``_summary``/``_elements`` need it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import jsonpatch
+import orjson
+
+from hie.fhir import model
+from hie.fhir.dates import format_instant, require_range
+from hie.fhir.extract import extract
+from hie.fhir.indexing import FULLTEXT_TYPES
+from hie.fhir.search import (
+    SearchRequest,
+    canonical_items,
+    encode_cursor,
+    parse_search,
+)
+from hie.fhir.searchparams import PATIENT_COMPARTMENT, params_for
+from hie.hub.errors import (
+    Gone,
+    HieError,
+    InvalidRequest,
+    InvalidResource,
+    NotFound,
+    NotSupported,
+    PreconditionFailed,
+    Unprocessable,
+    VersionConflict,
+)
+from hie.hub.search.port import SearchIndex
+from hie.hub.settings import Settings
+from hie.hub.store.port import (
+    CompartmentCond,
+    IdCond,
+    LastUpdatedCond,
+    NewVersion,
+    Query,
+    ResourceStore,
+    StoredResource,
+    TypeCond,
+    WriteTx,
+)
+from hie.hub.store.sql import now_us
+
+Json = dict[str, Any]
+_COMPARTMENT_TYPES = {t for t, _ in PATIENT_COMPARTMENT} | {"Patient"}
+
+
+@dataclass
+class WriteResult:
+    """What a write did: the stored version, and whether it created the resource."""
+
+    stored: StoredResource
+    created: bool
+    status: int
+
+
+def new_id() -> str:
+    """A server-assigned logical id."""
+    return str(uuid.uuid4())
+
+
+def content_json(stored: StoredResource) -> Json:
+    """The stored resource as a dict (parses; use only when the content must change)."""
+    return orjson.loads(stored.content or b"{}")  # type: ignore[no-any-return]
+
+
+def check_type(resource_type: str) -> None:
+    """Raise NotFound unless the hub stores ``resource_type``."""
+    if not params_for(resource_type) and resource_type not in ("Binary",):
+        if model.is_resource_type(resource_type):
+            raise NotSupported(f"resource type {resource_type} is not supported by this server")
+        raise NotFound(f"unknown resource type {resource_type!r}")
+
+
+def _walk_refs(node: Any, fn: Callable[[str], str]) -> None:
+    """Apply ``fn`` to every ``reference`` string in a resource, in place."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                node[key] = fn(value)
+            elif isinstance(value, dict | list):
+                _walk_refs(value, fn)
+    elif isinstance(node, list):
+        for item in node:
+            _walk_refs(item, fn)
+
+
+class FhirService:
+    """The FHIR operations over one resource store."""
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        settings: Settings,
+        search_index: Callable[[], SearchIndex] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.search_index = search_index
+
+    # --- preparing versions ----------------------------------------------------------------
+
+    def prepare(
+        self, res: Json, resource_type: str, id: str, version: int, when: int, method: str
+    ) -> NewVersion:
+        """Stamp id and meta, validate, extract index rows, serialise."""
+        res["id"] = id
+        meta = dict(res.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = format_instant(when)
+        res["meta"] = meta
+        model.validate(res)
+        return NewVersion(resource_type, id, orjson.dumps(res), extract(res), method)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_body(res: Any, resource_type: str | None) -> Json:
+        if not isinstance(res, dict):
+            raise InvalidResource("the body must be a JSON object (a FHIR resource)")
+        rt = res.get("resourceType")
+        if not isinstance(rt, str):
+            raise InvalidResource("resourceType is missing", expression=["resourceType"])
+        if resource_type is not None and rt != resource_type:
+            raise InvalidResource(
+                f"resourceType {rt!r} does not match the URL ({resource_type})",
+                expression=["resourceType"],
+            )
+        check_type(rt)
+        return res
+
+    # --- single-resource interactions ------------------------------------------------------
+
+    def create(self, res: Any, resource_type: str, if_none_exist: str | None = None) -> WriteResult:
+        """Create with a server id; ``If-None-Exist`` makes it conditional."""
+        res = self._check_body(res, resource_type)
+        res.pop("id", None)
+        when = now_us()
+        rid = new_id()
+        new = self.prepare(res, resource_type, rid, 1, when, "POST")
+        with self.store.transaction() as tx:
+            if if_none_exist:
+                found = self._match(tx, resource_type, if_none_exist)
+                if len(found) > 1:
+                    raise PreconditionFailed(
+                        f"If-None-Exist matched {len(found)} resources; be more specific"
+                    )
+                if found:
+                    cur = tx.current(resource_type, found[0][1], for_update=False)
+                    assert cur is not None
+                    return WriteResult(cur, False, 200)
+            stored = tx.write(new, 1, when)
+        return WriteResult(stored, True, 201)
+
+    def _match(self, tx: WriteTx, resource_type: str, criteria: str) -> list[tuple[str, str]]:
+        items = parse_qsl(criteria.split("?", 1)[-1], keep_blank_values=True)
+        if not items:
+            raise InvalidRequest("conditional criteria are empty")
+        req = parse_search(resource_type, items, default_count=3, max_count=3)
+        return tx.search_ids(req.query)
+
+    def read(self, resource_type: str, id: str) -> StoredResource:
+        """Current version; NotFound if never existed, Gone if deleted."""
+        check_type(resource_type)
+        cur = self.store.read(resource_type, id)
+        if cur is None:
+            raise NotFound(f"{resource_type}/{id} is not known")
+        if cur.deleted:
+            raise Gone(f"{resource_type}/{id} was deleted (version {cur.version})")
+        return cur
+
+    def vread(self, resource_type: str, id: str, version: str) -> StoredResource:
+        """A specific version; Gone for the version that is a deletion."""
+        check_type(resource_type)
+        if not version.isdigit():
+            raise NotFound(f"version {version!r} of {resource_type}/{id} does not exist")
+        v = self.store.vread(resource_type, id, int(version))
+        if v is None:
+            raise NotFound(f"version {version} of {resource_type}/{id} does not exist")
+        if v.deleted:
+            raise Gone(f"version {version} of {resource_type}/{id} is a deletion")
+        return v
+
+    def update(
+        self, res: Any, resource_type: str, id: str, if_match: int | None = None
+    ) -> WriteResult:
+        """Update (or create with the client's id when absent)."""
+        res = self._check_body(res, resource_type)
+        if res.get("id") not in (None, id):
+            raise InvalidResource(
+                f"the body's id {res.get('id')!r} does not match the URL id {id!r}",
+                expression=["id"],
+            )
+        when = now_us()
+        with self.store.transaction() as tx:
+            return self._update_in(tx, res, resource_type, id, if_match, when)
+
+    def _update_in(
+        self,
+        tx: WriteTx,
+        res: Json,
+        resource_type: str,
+        id: str,
+        if_match: int | None,
+        when: int,
+        method: str = "PUT",
+    ) -> WriteResult:
+        cur = tx.current(resource_type, id)
+        if if_match is not None and (cur is None or cur.version != if_match):
+            have = "none" if cur is None else str(cur.version)
+            raise VersionConflict(
+                f"If-Match expected version {if_match} of {resource_type}/{id}, current is {have}"
+            )
+        version = cur.version + 1 if cur else 1
+        new = self.prepare(res, resource_type, id, version, when, method)
+        stored = tx.write(new, version, when)
+        created = cur is None or cur.deleted
+        return WriteResult(stored, created, 201 if created else 200)
+
+    def conditional_update(
+        self, res: Any, resource_type: str, criteria: list[tuple[str, str]]
+    ) -> WriteResult:
+        """PUT ``Type?criteria``: 0 matches creates, 1 updates, more is 412."""
+        res = self._check_body(res, resource_type)
+        when = now_us()
+        with self.store.transaction() as tx:
+            req = parse_search(resource_type, criteria, default_count=3, max_count=3)
+            found = tx.search_ids(req.query)
+            if len(found) > 1:
+                raise PreconditionFailed(f"conditional update matched {len(found)} resources")
+            if found:
+                id = found[0][1]
+                if res.get("id") not in (None, id):
+                    raise InvalidResource(
+                        "the body's id does not match the resource the criteria found",
+                        expression=["id"],
+                    )
+            else:
+                id = res.get("id") or new_id()
+            return self._update_in(tx, res, resource_type, id, None, when)
+
+    def patch(
+        self, ops: Any, resource_type: str, id: str, if_match: int | None = None
+    ) -> WriteResult:
+        """JSON Patch (RFC 6902) against the current version."""
+        if not isinstance(ops, list):
+            raise InvalidRequest("a JSON Patch body is an array of operations")
+        when = now_us()
+        with self.store.transaction() as tx:
+            cur = tx.current(resource_type, id)
+            if cur is None or cur.deleted:
+                raise NotFound(f"{resource_type}/{id} is not known")
+            try:
+                res = jsonpatch.apply_patch(content_json(cur), ops)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                raise Unprocessable(f"the patch cannot be applied: {exc}") from None
+            except (TypeError, KeyError, ValueError) as exc:
+                raise InvalidRequest(f"malformed JSON Patch: {exc}") from None
+            res = self._check_body(res, resource_type)
+            if res.get("id") != id:
+                raise Unprocessable("a patch may not change the resource id")
+            return self._update_in(tx, res, resource_type, id, if_match, when, "PATCH")
+
+    def delete(self, resource_type: str, id: str) -> StoredResource | None:
+        """Delete: a new version that is a tombstone. Idempotent."""
+        check_type(resource_type)
+        with self.store.transaction() as tx:
+            return self._delete_in(tx, resource_type, id, now_us())
+
+    def _delete_in(
+        self, tx: WriteTx, resource_type: str, id: str, when: int
+    ) -> StoredResource | None:
+        cur = tx.current(resource_type, id)
+        if cur is None or cur.deleted:
+            return cur
+        tomb = NewVersion(
+            resource_type, id, None, extract({"resourceType": resource_type}), "DELETE"
+        )
+        tomb.index.rows.clear()
+        return tx.write(tomb, cur.version + 1, when)
+
+    def conditional_delete(self, resource_type: str, criteria: list[tuple[str, str]]) -> int:
+        """DELETE ``Type?criteria`` for a single match (412 for several); returns the count."""
+        check_type(resource_type)
+        with self.store.transaction() as tx:
+            req = parse_search(resource_type, criteria, default_count=3, max_count=3)
+            found = tx.search_ids(req.query)
+            if len(found) > 1:
+                raise PreconditionFailed(f"conditional delete matched {len(found)} resources")
+            for rt, rid in found:
+                self._delete_in(tx, rt, rid, now_us())
+            return len(found)
+
+    # --- search ----------------------------------------------------------------------------
+
+    def search(
+        self,
+        resource_type: str | None,
+        items: list[tuple[str, str]],
+        base: str,
+        *,
+        lenient: bool = False,
+        extra_conds: list[Any] | None = None,
+        path: str | None = None,
+    ) -> bytes:
+        """A searchset Bundle (JSON bytes) for the query items."""
+        if resource_type is not None:
+            check_type(resource_type)
+        req = parse_search(
+            resource_type,
+            items,
+            default_count=self.settings.page_size,
+            max_count=self.settings.max_page_size,
+            lenient=lenient,
+        )
+        if extra_conds:
+            req.query.conds.extend(extra_conds)
+        if req.content is not None:
+            req.query.conds.append(self._content_cond(resource_type, req.content))
+        page_path = path or (f"/{resource_type}" if resource_type else "")
+        return self._run_search(req, items, base, page_path)
+
+    def _content_cond(self, resource_type: str | None, text: str) -> Any:
+        ids = self.content_search(resource_type, text)
+        return IdCond(tuple(ids) or ("\x00none",))
+
+    def content_search(self, resource_type: str | None, text: str) -> list[str]:
+        """Logical ids whose text matches ``text`` in the full-text search index."""
+        if self.search_index is None:
+            raise NotSupported("_content/_text need the full-text search index (not enabled)")
+        if resource_type is not None and resource_type not in FULLTEXT_TYPES:
+            raise InvalidRequest(
+                f"{resource_type} is not full-text indexed; _content/_text apply to "
+                + ", ".join(sorted(FULLTEXT_TYPES))
+            )
+        hits = self.search_index().ids_matching(text, resource_type, limit=10_000)
+        return [h.split("/", 1)[1] for h in hits]
+
+    def _run_search(
+        self, req: SearchRequest, items: list[tuple[str, str]], base: str, page_path: str
+    ) -> bytes:
+        q = req.query
+        if req.summary == "count":
+            q.count = 0
+        page = self.store.search(q)
+        entries: list[Json] = [self._entry(base, r, "match", req) for r in page.items]
+        if page.items:
+            entries.extend(self._includes(base, page.items, req))
+        links = [{"relation": "self", "url": self._url(base, page_path, items)}]
+        if page.next_after is not None:
+            nxt = [*canonical_items(items), ("_cursor", encode_cursor(page.next_after))]
+            links.append({"relation": "next", "url": self._url(base, page_path, nxt)})
+        bundle: Json = {"resourceType": "Bundle", "id": new_id(), "type": "searchset"}
+        bundle["meta"] = {"lastUpdated": format_instant(now_us())}
+        if page.total is not None:
+            bundle["total"] = page.total
+        bundle["link"] = links
+        if req.ignored:
+            entries.append(self._ignored_outcome(req.ignored))
+        bundle["entry"] = entries
+        return orjson.dumps(bundle)
+
+    @staticmethod
+    def _url(base: str, path: str, items: list[tuple[str, str]]) -> str:
+        qs = urlencode(items)
+        return f"{base}{path}" + (f"?{qs}" if qs else "")
+
+    @staticmethod
+    def _ignored_outcome(ignored: list[str]) -> Json:
+        return {
+            "resource": {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {
+                        "severity": "warning",
+                        "code": "not-supported",
+                        "diagnostics": f"search parameter {k!r} is not supported and was ignored",
+                    }
+                    for k in ignored
+                ],
+            },
+            "search": {"mode": "outcome"},
+        }
+
+    def _entry(self, base: str, r: StoredResource, mode: str, req: SearchRequest | None) -> Json:
+        body: Any = orjson.Fragment(r.content or b"{}")
+        if req is not None and (req.summary or req.elements):
+            body = shape(content_json(r), req.summary, req.elements)
+        return {
+            "fullUrl": f"{base}/{r.resource_type}/{r.id}",
+            "resource": body,
+            "search": {"mode": mode},
+        }
+
+    def _includes(self, base: str, items: list[StoredResource], req: SearchRequest) -> list[Json]:
+        seen = {(r.resource_type, r.id) for r in items}
+        out: list[StoredResource] = []
+        for inc in req.includes:
+            rids = [r.rid for r in items if r.resource_type == inc.source_type]
+            params = None if inc.param == "*" else [(inc.source_type, inc.param)]
+            targets = self.store.references_from(rids, params)
+            if inc.target_type:
+                targets = [t for t in targets if t[0] == inc.target_type]
+            out.extend(self.store.read_many([t for t in targets if t not in seen]))
+            seen.update((r.resource_type, r.id) for r in out)
+        for inc in req.revincludes:
+            targets = [(r.resource_type, r.id) for r in items]
+            param = None if inc.param == "*" else inc.param
+            found = self.store.referencing(targets, inc.source_type, param, 1000)
+            out.extend(r for r in found if (r.resource_type, r.id) not in seen)
+            seen.update((r.resource_type, r.id) for r in found)
+        unique = {(r.resource_type, r.id): r for r in out}
+        return [self._entry(base, r, "include", None) for r in unique.values()]
+
+    # --- history ---------------------------------------------------------------------------
+
+    def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        items: list[tuple[str, str]],
+        base: str,
+    ) -> bytes:
+        """A history Bundle (newest first) at instance, type or system level."""
+        if resource_type is not None:
+            check_type(resource_type)
+        if id is not None and self.store.read(resource_type or "", id) is None:
+            raise NotFound(f"{resource_type}/{id} is not known")
+        since = None
+        count = self.settings.page_size
+        before = None
+        for key, value in items:
+            if key == "_since":
+                since = require_range(value, "_since")[0]
+            elif key == "_count":
+                if not value.isdigit():
+                    raise InvalidRequest("_count must be an integer")
+                count = max(1, min(int(value), self.settings.max_page_size))
+            elif key == "_cursor":
+                if not value.isdigit():
+                    raise InvalidRequest("the paging cursor is malformed")
+                before = int(value)
+            elif key not in ("_format", "_pretty"):
+                raise InvalidRequest(f"parameter {key!r} is not supported on _history")
+        versions, more = self.store.history(
+            resource_type, id, since=since, count=count, before_seq=before
+        )
+        path = "/".join(p for p in (resource_type, id) if p)
+        path = f"/{path}/_history" if path else "/_history"
+        entries = []
+        for v in versions:
+            url = f"{v.resource_type}/{v.id}"
+            entry: Json = {"fullUrl": f"{base}/{url}"}
+            if v.content is not None:
+                entry["resource"] = orjson.Fragment(v.content)
+            method = "DELETE" if v.deleted else ("POST" if v.version == 1 else "PUT")
+            entry["request"] = {
+                "method": method,
+                "url": url if method != "POST" else v.resource_type,
+            }
+            entry["response"] = {
+                "status": "204" if v.deleted else ("201" if v.version == 1 else "200"),
+                "etag": f'W/"{v.version}"',
+                "lastModified": format_instant(v.last_updated),
+            }
+            entries.append(entry)
+        links = [{"relation": "self", "url": self._url(base, path, items)}]
+        if more is not None:
+            nxt = [*(i for i in items if i[0] != "_cursor"), ("_cursor", str(more))]
+            links.append({"relation": "next", "url": self._url(base, path, nxt)})
+        bundle = {
+            "resourceType": "Bundle",
+            "id": new_id(),
+            "type": "history",
+            "link": links,
+            "entry": entries,
+        }
+        return orjson.dumps(bundle)
+
+    # --- operations ------------------------------------------------------------------------
+
+    def everything(self, id: str, items: list[tuple[str, str]], base: str) -> bytes:
+        """``Patient/{id}/$everything``: the compartment plus what it references."""
+        self.read("Patient", id)
+        conds: list[Any] = [CompartmentCond("Patient", (id,), PATIENT_COMPARTMENT)]
+        q = Query(None, conds, count=self.settings.page_size)
+        for key, value in items:
+            if key == "_since":
+                conds.append(LastUpdatedCond("ge", *require_range(value, "_since")))
+            elif key == "_type":
+                conds.append(TypeCond(tuple(t for t in value.split(",") if t)))
+            elif key == "_count":
+                if not value.isdigit():
+                    raise InvalidRequest("_count must be an integer")
+                q.count = max(1, min(int(value), self.settings.max_page_size))
+            elif key == "_cursor":
+                from hie.fhir.search import decode_cursor
+
+                q.after = decode_cursor(value)
+            elif key not in ("_format", "_pretty", "start", "end"):
+                raise InvalidRequest(f"parameter {key!r} is not supported on $everything")
+        page = self.store.search(q)
+        entries = [self._entry(base, r, "match", None) for r in page.items]
+        rids = [r.rid for r in page.items]
+        seen = {(r.resource_type, r.id) for r in page.items}
+        refs = [
+            t
+            for t in self.store.references_from(rids, None)
+            if t[0] not in _COMPARTMENT_TYPES and t not in seen
+        ]
+        entries.extend(self._entry(base, r, "include", None) for r in self.store.read_many(refs))
+        path = f"/Patient/{id}/$everything"
+        links = [{"relation": "self", "url": self._url(base, path, items)}]
+        if page.next_after is not None:
+            nxt = [*canonical_items(items), ("_cursor", encode_cursor(page.next_after))]
+            links.append({"relation": "next", "url": self._url(base, path, nxt)})
+        bundle = {
+            "resourceType": "Bundle",
+            "id": new_id(),
+            "type": "searchset",
+            "link": links,
+            "entry": entries,
+        }
+        return orjson.dumps(bundle)
+
+    def validate_only(self, res: Any, resource_type: str | None) -> Json:
+        """``$validate``: an OperationOutcome describing the resource's validity."""
+        if isinstance(res, dict) and res.get("resourceType") == "Parameters":
+            for p in res.get("parameter", []) or []:
+                if isinstance(p, dict) and p.get("name") == "resource":
+                    res = p.get("resource")
+        res = self._check_body(res, resource_type)
+        model.validate(dict(res))
+        return outcome("information", "informational", "the resource is valid")
+
+    # --- transaction and batch ------------------------------------------------------------
+
+    def transaction(self, bundle: Any, base: str) -> Json:
+        """A transaction Bundle: all entries succeed together or none is stored."""
+        from hie.fhir.bundles import run_transaction
+
+        return run_transaction(self, bundle, base)
+
+    def batch(self, bundle: Any, base: str) -> Json:
+        """A batch Bundle: entries processed independently, each with its own status."""
+        from hie.fhir.bundles import run_batch
+
+        return run_batch(self, bundle, base)
+
+
+def outcome(severity: str, code: str, text: str, expression: list[str] | None = None) -> Json:
+    """An OperationOutcome with one issue."""
+    issue: Json = {"severity": severity, "code": code, "diagnostics": text}
+    if expression:
+        issue["expression"] = expression
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def error_outcome(err: HieError) -> Json:
+    """The OperationOutcome for an error, carrying its stable code."""
+    res = outcome("error", err.issue, err.message, err.expression)
+    res["issue"][0]["details"] = {
+        "coding": [{"system": "https://hie.spb.ru/fhir/CodeSystem/error", "code": err.code}],
+        "text": err.message,
+    }
+    return res
+
+
+def shape(res: Json, summary: str | None, elements: list[str] | None) -> Json:
+    """Apply ``_summary`` (true/text/data) or ``_elements``, marking the result SUBSETTED."""
+    rt = res.get("resourceType", "")
+    keep: set[str] | None = None
+    if summary == "true":
+        keep = set(model.summary_elements(rt))
+    elif summary == "text":
+        keep = {"text", "id", "meta"} | set(model.required_elements(rt))
+    elif summary == "data":
+        res = {k: v for k, v in res.items() if k != "text"}
+    if elements:
+        keep = set(elements) | set(model.required_elements(rt)) | {"id", "meta"}
+    if keep is not None:
+        res = {k: v for k, v in res.items() if k == "resourceType" or _kept(k.lstrip("_"), keep)}
+    meta = dict(res.get("meta") or {})
+    meta["tag"] = [
+        *(meta.get("tag") or []),
+        {
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+            "code": "SUBSETTED",
+        },
+    ]
+    res["meta"] = meta
+    return res
+
+
+def _kept(key: str, keep: set[str]) -> bool:
+    if key in keep:
+        return True
+    # a choice element asked for by its base name: value → valueQuantity
+    return any(key.startswith(e) and key[len(e) : len(e) + 1].isupper() for e in keep)

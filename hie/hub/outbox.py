@@ -1,0 +1,123 @@
+"""The outbox worker: drains committed changes, in order, to registered consumers.
+
+Each consumer has its own durable offset in the store, so a restart resumes where it stopped;
+consumers must be idempotent (an event may be delivered again after a crash between handling
+and acknowledging). Embedded mode runs the worker as a thread of ``hie serve``; at scale
+``hie worker`` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge
+
+from hie.hub.logging import get_logger
+from hie.hub.store.port import OutboxEvent, ResourceStore
+
+log = get_logger("hie.outbox")
+
+EVENTS = Counter("hie_outbox_events_total", "Outbox events handled", ["consumer"])
+FAILURES = Counter("hie_outbox_failures_total", "Outbox consumer failures", ["consumer"])
+LAG = Gauge("hie_outbox_lag_events", "Committed events not yet handled", ["consumer"])
+
+
+class Consumer(Protocol):
+    """Something that reacts to committed changes (search indexing, notifications, …)."""
+
+    name: str
+
+    def handle(self, events: Sequence[OutboxEvent]) -> None:
+        """Handle a batch in order; must be idempotent. Raise to have it retried."""
+
+
+class OutboxWorker:
+    """Polls the outbox and feeds each consumer; one thread, consumers in turn."""
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        consumers: Sequence[Consumer],
+        *,
+        poll_seconds: float = 0.2,
+        batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.consumers = list(consumers)
+        self.poll_seconds = poll_seconds
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backoff: dict[str, float] = {}
+
+    def run_once(self) -> int:
+        """One pass over every consumer; returns how many events were handled."""
+        done = 0
+        for c in self.consumers:
+            if self._backoff.get(c.name, 0.0) > time.monotonic():
+                continue
+            events = self.store.outbox_read(c.name, self.batch)
+            if not events:
+                continue
+            try:
+                c.handle(events)
+            except Exception:
+                FAILURES.labels(c.name).inc()
+                delay = 1.0
+                self._backoff[c.name] = time.monotonic() + delay
+                log.exception(
+                    "outbox consumer failed; will retry", consumer=c.name, first_seq=events[0].seq
+                )
+                continue
+            self.store.outbox_ack(c.name, events[-1].seq)
+            EVENTS.labels(c.name).inc(len(events))
+            done += len(events)
+        return done
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Run until no consumer has pending events (tests, benchmarks, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.run_once() == 0 and all(
+                self.store.outbox_position(c.name)[0] >= self.store.outbox_position(c.name)[1]
+                for c in self.consumers
+            ):
+                return
+            time.sleep(0.01)
+        raise TimeoutError("outbox did not drain in time")
+
+    def update_lag(self) -> None:
+        """Refresh the lag gauges."""
+        for c in self.consumers:
+            acked, newest = self.store.outbox_position(c.name)
+            LAG.labels(c.name).set(max(0, newest - acked))
+
+    def _loop(self) -> None:
+        last_lag = 0.0
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+                if time.monotonic() - last_lag > 5:
+                    self.update_lag()
+                    last_lag = time.monotonic()
+            except Exception:
+                log.exception("outbox worker pass failed")
+                handled = 0
+            if handled == 0:
+                self._stop.wait(self.poll_seconds)
+
+    def start(self) -> None:
+        """Start the background thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hie-outbox", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current pass."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

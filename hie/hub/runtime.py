@@ -1,0 +1,76 @@
+"""The running hub: settings plus the opened storage ports and the outbox worker.
+
+Built once by :func:`open_hub` and passed to the HTTP app, the listeners and the CLI. Engines
+are opened lazily so a command that needs only the database does not start a search index.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import cached_property
+
+from hie.hub.blobs.port import BlobStore, open_blob_store
+from hie.hub.outbox import Consumer, OutboxWorker
+from hie.hub.search.port import SearchIndex, open_search_index
+from hie.hub.settings import Settings
+from hie.hub.store import ResourceStore, open_resource_store
+
+
+class Hub:
+    """Holds the hub's ports; close it to release them."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumers: list[Consumer] = []
+        self._lock = threading.Lock()
+        self._worker: OutboxWorker | None = None
+
+    @cached_property
+    def store(self) -> ResourceStore:
+        """The resource store named by ``HIE_DATABASE_URL``."""
+        return open_resource_store(
+            self.settings.database_url, sqlite_synchronous=self.settings.sqlite_synchronous
+        )
+
+    @cached_property
+    def blobs(self) -> BlobStore:
+        """The blob store named by ``HIE_BLOB_URL``."""
+        return open_blob_store(self.settings)
+
+    @cached_property
+    def search_index(self) -> SearchIndex:
+        """The full-text index named by ``HIE_SEARCH_URL``."""
+        return open_search_index(self.settings)
+
+    def add_consumers(self, consumers: Sequence[Consumer]) -> None:
+        """Register outbox consumers (before :meth:`start_worker`)."""
+        self.consumers.extend(consumers)
+
+    @property
+    def worker(self) -> OutboxWorker:
+        """The outbox worker over the registered consumers."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = OutboxWorker(
+                    self.store, self.consumers, poll_seconds=self.settings.worker_poll_seconds
+                )
+            return self._worker
+
+    def start_worker(self) -> None:
+        """Run the outbox worker in a background thread."""
+        self.worker.start()
+
+    def close(self) -> None:
+        """Stop the worker and release every opened engine."""
+        if self._worker is not None:
+            self._worker.stop()
+        for name in ("search_index", "blobs", "store"):
+            if name in self.__dict__:
+                self.__dict__[name].close()
+
+
+def open_hub(settings: Settings) -> Hub:
+    """Create the data directory and the hub (ports open on first use)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Hub(settings)

@@ -1,0 +1,84 @@
+"""One ``Settings`` object for the whole hub, read from ``HIE_*`` environment variables.
+
+Built by :func:`load_settings` and passed down; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_S3_SECRET = "hie-dev-secret"
+
+
+class Settings(BaseSettings):
+    """Every setting the hub reads. Each field is documented in the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix="HIE_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path("./var")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    mllp_port: int = 2575
+    dicom_port: int = 11112
+    dicom_ae_title: str = "HUB"
+    database_url: str = ""
+    blob_url: str = ""
+    search_url: str = "embedded"
+    s3_endpoint: str = ""
+    s3_access_key: str = "hie"
+    s3_secret_key: SecretStr = SecretStr(DEV_S3_SECRET)
+    s3_secure: bool = False
+    oidc_issuer: str = ""
+    base_url: str = ""
+    max_body_bytes: int = Field(default=1 << 20, description="request body limit outside documents")
+    max_document_bytes: int = Field(default=64 << 20, description="body limit for documents")
+    page_size: int = 50
+    max_page_size: int = 1000
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    worker: bool = True
+    worker_poll_seconds: float = 0.2
+    log_level: str = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _defaults_and_production_checks(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'hie.db'}"
+        if not self.blob_url:
+            self.blob_url = f"file://{(self.data_dir / 'blobs').resolve()}"
+        if self.env == "production":
+            if self.s3_endpoint and self.s3_secret_key.get_secret_value() == DEV_S3_SECRET:
+                raise ValueError("HIE_S3_SECRET_KEY must be set in production")
+            if not self.oidc_issuer:
+                raise ValueError("HIE_OIDC_ISSUER must be set in production")
+        return self
+
+    @property
+    def public_base(self) -> str:
+        """Base URL the hub uses in links it returns (Location, paging links)."""
+        return self.base_url.rstrip("/") or f"http://{self.http_host}:{self.http_port}"
+
+    def redacted(self) -> dict[str, object]:
+        """All settings as plain values with secrets (and credentials in URLs) hidden."""
+        out: dict[str, object] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "**********"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                scheme, rest = value.split("://", 1)
+                creds, host = rest.rsplit("@", 1)
+                user = creds.split(":", 1)[0]
+                out[name] = f"{scheme}://{user}:***@{host}" if ":" in creds else value
+            else:
+                out[name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, with explicit overrides (used by tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,383 @@
+"""The resource store port: FHIR resources with every version, search-index rows, outbox.
+
+The store knows nothing about FHIR semantics: the FHIR layer hands it JSON bytes plus the
+search-index rows it extracted, and asks questions in the small condition language below. One
+SQL implementation (:mod:`hie.hub.store.sql`) serves SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Prefix = Literal["eq", "ne", "lt", "le", "gt", "ge", "sa", "eb", "ap"]
+
+
+def param_id(resource_type: str, name: str) -> int:
+    """Stable small integer for a search parameter of a resource type (keeps index rows small)."""
+    return zlib.crc32(f"{resource_type}.{name}".encode()) & 0x7FFFFFFF
+
+
+# --- index rows: what the FHIR layer extracts from a resource for searching -----------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """A coded value, identifier, boolean or code; ``system`` is None when the value has none."""
+
+    param: str
+    system: str | None
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class StringRow:
+    """A string; ``norm`` is lower-cased and accent/ё-folded, ``exact`` as written."""
+
+    param: str
+    norm: str
+    exact: str
+
+
+@dataclass(frozen=True, slots=True)
+class DateRow:
+    """A date, dateTime, instant or Period as the closed range [lo, hi] in epoch microseconds."""
+
+    param: str
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceRow:
+    """A reference: relative (``target_type`` + ``target_id``) or absolute (type '' and the URL)."""
+
+    param: str
+    target_type: str
+    target_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuantityRow:
+    """A number or Quantity (value with optional UCUM system/code)."""
+
+    param: str
+    value: float
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UriRow:
+    """A uri, url or canonical."""
+
+    param: str
+    value: str
+
+
+IndexRow = TokenRow | StringRow | DateRow | ReferenceRow | QuantityRow | UriRow
+
+
+@dataclass(slots=True)
+class IndexRows:
+    """All search-index rows for one resource version."""
+
+    rows: list[IndexRow] = field(default_factory=list)
+
+
+# --- conditions: the search language the store compiles to SQL ------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCond:
+    """``system|code`` match. ``system=None``: any system; ``system=''``: no system;
+    ``code=None``: any code in the system. ``negate`` implements ``:not``."""
+
+    param: str
+    system: str | None
+    code: str | None
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StringCond:
+    """String match on the normalised value: prefix (default), ``contains``, or ``exact``."""
+
+    param: str
+    value: str
+    mode: Literal["prefix", "contains", "exact"] = "prefix"
+
+
+@dataclass(frozen=True, slots=True)
+class DateCond:
+    """Date comparison of the stored range against the search value's range [lo, hi]."""
+
+    param: str
+    prefix: Prefix
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class NumberCond:
+    """Number/quantity comparison; [lo, hi] is the precision range of the search value."""
+
+    param: str
+    prefix: Prefix
+    value: float
+    lo: float
+    hi: float
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceCond:
+    """Reference to ``target_type/target_id`` (``target_type=None``: any type)."""
+
+    param: str
+    target_type: str | None
+    target_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UriCond:
+    """URI match: exact, ``below`` (prefix) or ``above`` (the stored URI is a prefix)."""
+
+    param: str
+    value: str
+    mode: Literal["exact", "below", "above"] = "exact"
+
+
+@dataclass(frozen=True, slots=True)
+class MissingCond:
+    """``:missing=true|false``; ``table`` names the index kind the parameter lives in."""
+
+    param: str
+    table: Literal["token", "string", "date", "reference", "quantity", "uri"]
+    missing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IdCond:
+    """``_id`` in a set of logical ids (``negate`` for ``:not``)."""
+
+    ids: tuple[str, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LastUpdatedCond:
+    """``_lastUpdated`` comparison (epoch microseconds)."""
+
+    prefix: Prefix
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCond:
+    """``param:TargetType.inner``: the reference ``param`` points at a ``target_type`` resource
+    that satisfies every condition in ``conds``."""
+
+    param: str
+    target_type: str
+    conds: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AnyOf:
+    """OR of conditions (comma-separated values of one parameter)."""
+
+    conds: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CompartmentCond:
+    """The resource is in the compartment of one of the owners (e.g. ``Patient/…``): it references
+    an owner through one of ``links`` ((resource type, reference parameter) pairs), or it is an
+    owner itself."""
+
+    owner_type: str
+    owner_ids: tuple[str, ...]
+    links: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TypeCond:
+    """``_type``: the resource is one of these types (system-level searches)."""
+
+    types: tuple[str, ...]
+
+
+Condition = (
+    TokenCond
+    | StringCond
+    | DateCond
+    | NumberCond
+    | ReferenceCond
+    | UriCond
+    | MissingCond
+    | IdCond
+    | LastUpdatedCond
+    | ChainCond
+    | AnyOf
+    | CompartmentCond
+    | TypeCond
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """Sort by a parameter (``_id``, ``_lastUpdated`` or an indexed one) of a given kind."""
+
+    param: str
+    kind: Literal["id", "lastUpdated", "token", "string", "date", "quantity", "uri"]
+    descending: bool = False
+
+
+@dataclass(slots=True)
+class Query:
+    """A search over one resource type (``resource_type=None`` for a system-level search)."""
+
+    resource_type: str | None
+    conds: list[Condition] = field(default_factory=list)
+    sort: list[SortKey] = field(default_factory=list)
+    count: int = 50
+    after: list[object] | None = None  # keyset cursor: sort values then rid of the last row
+    total: bool = False
+
+
+# --- what comes back ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    """One version of a resource as stored (``content`` is JSON bytes; None for a deletion)."""
+
+    resource_type: str
+    id: str
+    version: int
+    last_updated: int  # epoch microseconds, UTC
+    deleted: bool
+    content: bytes | None
+    method: str = "PUT"
+    rid: int = 0
+
+
+@dataclass(slots=True)
+class Page:
+    """A page of search results with the keyset cursor for the next page (None at the end)."""
+
+    items: list[StoredResource]
+    next_after: list[object] | None
+    total: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A committed change, in commit order, for consumers (search index, notifications, …)."""
+
+    seq: int
+    resource_type: str
+    id: str
+    version: int
+    op: str  # create | update | delete
+    created: int
+
+
+@dataclass(slots=True)
+class NewVersion:
+    """A version to write: the FHIR layer fills content (with meta) and index rows."""
+
+    resource_type: str
+    id: str
+    content: bytes | None  # None for a delete
+    index: IndexRows
+    method: Literal["POST", "PUT", "PATCH", "DELETE"]
+    if_version: int | None = None  # optimistic lock: the version the writer saw
+
+
+class WriteTx(Protocol):
+    """One atomic unit of work: every write inside commits together with its outbox rows."""
+
+    def current(
+        self, resource_type: str, id: str, *, for_update: bool = True
+    ) -> StoredResource | None:
+        """The current version (deleted ones included) as seen inside this transaction."""
+
+    def write(self, new: NewVersion, version: int, last_updated: int) -> StoredResource:
+        """Store ``new`` as ``version`` (1 for a create); raises VersionConflict if raced."""
+
+    def write_many(
+        self, items: Sequence[tuple[NewVersion, int]], last_updated: int
+    ) -> list[StoredResource]:
+        """Bulk :meth:`write` for versions that are all creates (version 1) — the fast path."""
+
+    def search_ids(self, query: Query) -> list[tuple[str, str]]:
+        """(type, id) pairs matching ``query``, seen inside the transaction (conditional ops)."""
+
+
+class ResourceStore(Protocol):
+    """The resource store port (see module docstring)."""
+
+    dialect: str
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+
+    def transaction(self) -> AbstractContextManager[WriteTx]:
+        """Open a write transaction; it commits (durably) when the block exits normally."""
+
+    def read(self, resource_type: str, id: str) -> StoredResource | None:
+        """Current version, or None if never existed (a tombstone has ``deleted=True``)."""
+
+    def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        """A specific version (tombstones included) or None."""
+
+    def read_many(self, refs: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """Current, non-deleted versions of the given (type, id) pairs; missing ones skipped."""
+
+    def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        *,
+        since: int | None,
+        count: int,
+        before_seq: int | None,
+    ) -> tuple[list[StoredResource], int | None]:
+        """Versions newest first (instance, type or system level) and the cursor for more."""
+
+    def search(self, query: Query) -> Page:
+        """Run a search, filtering and paging in the database."""
+
+    def references_from(
+        self, rids: Sequence[int], params: Sequence[tuple[str, str]] | None
+    ) -> list[tuple[str, str]]:
+        """Targets referenced by resources ``rids`` through (type, param) pairs (None: all)."""
+
+    def referencing(
+        self, targets: Sequence[tuple[str, str]], source_type: str, param: str | None, limit: int
+    ) -> list[StoredResource]:
+        """Current resources of ``source_type`` that reference any target via ``param``."""
+
+    def outbox_read(self, consumer: str, limit: int) -> list[OutboxEvent]:
+        """Committed events not yet acknowledged by ``consumer``, in order."""
+
+    def outbox_ack(self, consumer: str, seq: int) -> None:
+        """Record that ``consumer`` has durably handled every event up to ``seq``."""
+
+    def outbox_position(self, consumer: str) -> tuple[int, int]:
+        """(acknowledged seq, newest seq) for lag metrics."""
+
+    def iter_current(
+        self, resource_type: str | None, batch: int = 1000
+    ) -> Iterator[StoredResource]:
+        """Every current, non-deleted resource (for re-indexing)."""
+
+    def close(self) -> None:
+        """Release connections."""

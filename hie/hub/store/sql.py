@@ -1,0 +1,878 @@
+"""The SQL resource store: one set of SQLAlchemy Core queries for SQLite and PostgreSQL.
+
+SQLite (embedded default) runs in WAL mode with ``synchronous=FULL`` so a commit that returned
+survives a crash; writes are serialised in-process and open with ``BEGIN IMMEDIATE`` so two
+writers never deadlock on a lock upgrade. PostgreSQL uses its own MVCC and row locks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.sql.expression import FromClause
+
+from hie.hub.errors import InvalidRequest, StorageError, VersionConflict
+from hie.hub.store import schema as s
+from hie.hub.store.port import (
+    AnyOf,
+    ChainCond,
+    CompartmentCond,
+    Condition,
+    DateCond,
+    DateRow,
+    IdCond,
+    LastUpdatedCond,
+    MissingCond,
+    NewVersion,
+    NumberCond,
+    OutboxEvent,
+    Page,
+    QuantityRow,
+    Query,
+    ReferenceCond,
+    ReferenceRow,
+    SortKey,
+    StoredResource,
+    StringCond,
+    StringRow,
+    TokenCond,
+    TokenRow,
+    TypeCond,
+    UriCond,
+    UriRow,
+    param_id,
+)
+
+R = s.resources
+H = s.resource_history
+MAX_STR = 255
+# Gaps in the outbox sequence (PostgreSQL: a transaction that took a number and has not
+# committed yet) hold consumers back for at most this long before being treated as rollbacks.
+OUTBOX_GAP_TIMEOUT_US = 10_000_000
+
+
+def now_us() -> int:
+    """Current time in epoch microseconds."""
+    return time.time_ns() // 1000
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+class SqlResourceStore:
+    """Resource store on SQLAlchemy Core (see module docstring)."""
+
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 8) -> None:
+        self.url = _normalise_url(url)
+        self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        self._write_lock = threading.Lock()
+        if self.dialect == "sqlite":
+            path = self.url.split("///", 1)[1] if "///" in self.url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(
+                self.url,
+                connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=pool_size,
+                max_overflow=pool_size,
+            )
+            self._install_sqlite_hooks(self.engine, sqlite_synchronous)
+        else:
+            self.engine = create_engine(
+                self.url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            )
+
+    # --- engine set-up ---------------------------------------------------------------------
+
+    @staticmethod
+    def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA cache_size=-262144")
+            cur.execute("PRAGMA mmap_size=1073741824")
+            cur.execute("PRAGMA temp_store=MEMORY")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = "IMMEDIATE" if conn.info.get("hie_write") else "DEFERRED"
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from hie.hub.store.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        """Dispose of the connection pool."""
+        self.engine.dispose()
+
+    # --- transactions ----------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqlWriteTx]:
+        """A write transaction; commits when the block exits without an exception."""
+        lock = self._write_lock if self.dialect == "sqlite" else None
+        if lock:
+            lock.acquire()
+        try:
+            with self.engine.connect() as conn:
+                conn.info["hie_write"] = True
+                try:
+                    with conn.begin():
+                        yield SqlWriteTx(self, conn)
+                except IntegrityError as exc:
+                    raise VersionConflict(
+                        "a concurrent write created or changed the same resource"
+                    ) from exc
+                except OperationalError as exc:
+                    raise StorageError(f"database unavailable: {exc.orig}") from exc
+                finally:
+                    conn.info.pop("hie_write", None)
+        finally:
+            if lock:
+                lock.release()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except OperationalError as exc:
+            raise StorageError(f"database unavailable: {exc.orig}") from exc
+
+    # --- reads -----------------------------------------------------------------------------
+
+    _COLS = (R.c.rid, R.c.rtype, R.c.id, H.c.version, H.c.last_updated, R.c.deleted, H.c.content)
+
+    def _current_select(self) -> Select[Any]:
+        return select(*self._COLS, H.c.method).select_from(
+            R.join(H, and_(H.c.rid == R.c.rid, H.c.version == R.c.version))
+        )
+
+    @staticmethod
+    def _row(row: Any, deleted: bool | None = None) -> StoredResource:
+        content = row.content
+        return StoredResource(
+            resource_type=row.rtype,
+            id=row.id,
+            version=row.version,
+            last_updated=row.last_updated,
+            deleted=bool(row.deleted) if deleted is None else deleted,
+            content=bytes(content) if content is not None else None,
+            method=getattr(row, "method", "PUT"),
+            rid=row.rid,
+        )
+
+    def read(self, resource_type: str, id: str) -> StoredResource | None:
+        """Current version (tombstones included) or None."""
+        stmt = self._current_select().where(R.c.rtype == resource_type, R.c.id == id)
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return self._row(row) if row else None
+
+    def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
+        """One version or None."""
+        stmt = (
+            select(
+                R.c.rid, R.c.rtype, R.c.id, H.c.version, H.c.last_updated, H.c.content, H.c.method
+            )
+            .select_from(R.join(H, H.c.rid == R.c.rid))
+            .where(R.c.rtype == resource_type, R.c.id == id, H.c.version == version)
+        )
+        with self._read() as conn:
+            row = conn.execute(stmt).first()
+        return self._row(row, deleted=row.content is None) if row else None
+
+    def read_many(self, refs: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        """Current, non-deleted versions of the given (type, id) pairs."""
+        if not refs:
+            return []
+        out: list[StoredResource] = []
+        with self._read() as conn:
+            for chunk in _chunks(list(dict.fromkeys(refs)), 400):
+                stmt = self._current_select().where(
+                    tuple_(R.c.rtype, R.c.id).in_(chunk), R.c.deleted == false()
+                )
+                out.extend(self._row(r) for r in conn.execute(stmt))
+        return out
+
+    def history(
+        self,
+        resource_type: str | None,
+        id: str | None,
+        *,
+        since: int | None,
+        count: int,
+        before_seq: int | None,
+    ) -> tuple[list[StoredResource], int | None]:
+        """Versions newest first, with the cursor (an hseq) for the next page."""
+        stmt = select(
+            H.c.hseq,
+            R.c.rid,
+            R.c.rtype,
+            R.c.id,
+            H.c.version,
+            H.c.last_updated,
+            H.c.content,
+            H.c.method,
+        ).select_from(H.join(R, R.c.rid == H.c.rid))
+        if resource_type:
+            stmt = stmt.where(R.c.rtype == resource_type)
+        if id is not None:
+            stmt = stmt.where(R.c.id == id)
+        if since is not None:
+            stmt = stmt.where(H.c.last_updated >= since)
+        if before_seq is not None:
+            stmt = stmt.where(H.c.hseq < before_seq)
+        stmt = stmt.order_by(H.c.hseq.desc()).limit(count + 1)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+        more = len(rows) > count
+        rows = rows[:count]
+        items = [self._row(r, deleted=r.content is None) for r in rows]
+        return items, (rows[-1].hseq if more and rows else None)
+
+    def iter_current(
+        self, resource_type: str | None, batch: int = 1000
+    ) -> Iterator[StoredResource]:
+        """Every current, non-deleted resource, in rid order."""
+        last = 0
+        while True:
+            stmt = self._current_select().where(R.c.rid > last, R.c.deleted == false())
+            if resource_type:
+                stmt = stmt.where(R.c.rtype == resource_type)
+            stmt = stmt.order_by(R.c.rid).limit(batch)
+            with self._read() as conn:
+                rows = conn.execute(stmt).all()
+            if not rows:
+                return
+            for row in rows:
+                yield self._row(row)
+            last = rows[-1].rid
+
+    # --- search ----------------------------------------------------------------------------
+
+    def search(self, query: Query) -> Page:
+        """Filter, sort and page in SQL; keyset paging on (sort values…, rid)."""
+        compiler = _Compiler(self.dialect, query.resource_type)
+        where = compiler.where(query.conds)
+        base_filter = [R.c.deleted == false()]
+        if query.resource_type:
+            base_filter.append(R.c.rtype == query.resource_type)
+        sort_exprs = [compiler.sort_expr(k) for k in query.sort]
+        keys = [*sort_exprs, (R.c.rid, False)]
+        stmt = self._current_select().add_columns(*(e for e, _ in sort_exprs))
+        stmt = stmt.where(*base_filter, *where)
+        if query.after is not None:
+            if len(query.after) != len(keys):
+                raise InvalidRequest("the paging cursor does not fit this search")
+            stmt = stmt.where(_keyset_after(keys, query.after))
+        stmt = stmt.order_by(*(e.desc() if d else e.asc() for e, d in keys)).limit(query.count + 1)
+        with self._read() as conn:
+            rows = conn.execute(stmt).all()
+            total = None
+            if query.total:
+                cstmt = select(func.count()).select_from(R).where(*base_filter, *where)
+                total = int(conn.execute(cstmt).scalar_one())
+        more = len(rows) > query.count
+        rows = rows[: query.count]
+        items = [self._row(r) for r in rows]
+        next_after: list[object] | None = None
+        if more and rows:
+            last = rows[-1]
+            n_base = len(self._COLS) + 1
+            next_after = [last[n_base + i] for i in range(len(sort_exprs))] + [last.rid]
+        return Page(items=items, next_after=next_after, total=total)
+
+    def references_from(
+        self, rids: Sequence[int], params: Sequence[tuple[str, str]] | None
+    ) -> list[tuple[str, str]]:
+        """Distinct (type, id) targets referenced by ``rids`` through the given params."""
+        if not rids:
+            return []
+        x = s.idx_reference
+        stmt = select(x.c.target_type, x.c.target_id).where(x.c.rid.in_(list(rids)))
+        if params is not None:
+            stmt = stmt.where(x.c.pid.in_([param_id(t, p) for t, p in params]))
+        stmt = stmt.where(x.c.target_type != "").distinct()
+        with self._read() as conn:
+            return [(r.target_type, r.target_id) for r in conn.execute(stmt)]
+
+    def referencing(
+        self, targets: Sequence[tuple[str, str]], source_type: str, param: str | None, limit: int
+    ) -> list[StoredResource]:
+        """Current resources of ``source_type`` pointing at any of ``targets`` via ``param``."""
+        if not targets:
+            return []
+        x = s.idx_reference
+        sub = select(x.c.rid).where(tuple_(x.c.target_type, x.c.target_id).in_(list(targets)))
+        if param is not None:
+            sub = sub.where(x.c.pid == param_id(source_type, param))
+        stmt = (
+            self._current_select()
+            .where(R.c.rtype == source_type, R.c.deleted == false(), R.c.rid.in_(sub))
+            .order_by(R.c.rid)
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [self._row(r) for r in conn.execute(stmt)]
+
+    # --- outbox ----------------------------------------------------------------------------
+
+    def outbox_read(self, consumer: str, limit: int) -> list[OutboxEvent]:
+        """Events after the consumer's offset, stopping at a young gap in the sequence."""
+        o = s.outbox
+        with self._read() as conn:
+            last = conn.execute(
+                select(s.outbox_offsets.c.last_seq).where(s.outbox_offsets.c.consumer == consumer)
+            ).scalar()
+            last = int(last or 0)
+            rows = conn.execute(
+                select(o).where(o.c.seq > last).order_by(o.c.seq).limit(limit)
+            ).all()
+        out: list[OutboxEvent] = []
+        expected = last + 1
+        cutoff = now_us() - OUTBOX_GAP_TIMEOUT_US
+        for r in rows:
+            if r.seq != expected and r.created > cutoff:
+                break  # an earlier number may still commit: wait for it (bounded by the timeout)
+            out.append(OutboxEvent(r.seq, r.rtype, r.id, r.version, r.op, r.created))
+            expected = r.seq + 1
+        return out
+
+    def outbox_ack(self, consumer: str, seq: int) -> None:
+        """Move the consumer's offset to ``seq`` (never backwards)."""
+        t = s.outbox_offsets
+        with self.transaction() as tx:
+            conn = tx.conn
+            cur = conn.execute(select(t.c.last_seq).where(t.c.consumer == consumer)).scalar()
+            if cur is None:
+                conn.execute(insert(t).values(consumer=consumer, last_seq=seq, updated=now_us()))
+            elif seq > cur:
+                conn.execute(
+                    update(t).where(t.c.consumer == consumer).values(last_seq=seq, updated=now_us())
+                )
+
+    def outbox_position(self, consumer: str) -> tuple[int, int]:
+        """(acknowledged seq, newest seq)."""
+        with self._read() as conn:
+            acked = conn.execute(
+                select(s.outbox_offsets.c.last_seq).where(s.outbox_offsets.c.consumer == consumer)
+            ).scalar()
+            newest = conn.execute(select(func.max(s.outbox.c.seq))).scalar()
+        return int(acked or 0), int(newest or 0)
+
+
+class SqlWriteTx:
+    """Writes inside one database transaction (see :class:`hie.hub.store.port.WriteTx`)."""
+
+    def __init__(self, store: SqlResourceStore, conn: Connection) -> None:
+        self.store = store
+        self.conn = conn
+        self._rids: dict[tuple[str, str], int] = {}
+
+    def current(
+        self, resource_type: str, id: str, *, for_update: bool = True
+    ) -> StoredResource | None:
+        """Current version inside the transaction (row-locked on PostgreSQL)."""
+        stmt = self.store._current_select().where(R.c.rtype == resource_type, R.c.id == id)
+        if for_update and self.store.dialect == "postgresql":
+            stmt = stmt.with_for_update(of=R)
+        row = self.conn.execute(stmt).first()
+        if row is None:
+            return None
+        self._rids[(resource_type, id)] = row.rid
+        return self.store._row(row)
+
+    def write(self, new: NewVersion, version: int, last_updated: int) -> StoredResource:
+        """Store one version; version 1 inserts the logical resource."""
+        key = (new.resource_type, new.id)
+        deleted = new.content is None
+        if version == 1 and key not in self._rids:
+            rid = self.conn.execute(
+                insert(R)
+                .values(
+                    rtype=new.resource_type,
+                    id=new.id,
+                    version=1,
+                    last_updated=last_updated,
+                    deleted=deleted,
+                )
+                .returning(R.c.rid)
+            ).scalar_one()
+            self._rids[key] = rid
+        else:
+            rid = (
+                self._rids.get(key)
+                or self.conn.execute(
+                    select(R.c.rid).where(R.c.rtype == new.resource_type, R.c.id == new.id)
+                ).scalar_one()
+            )
+            res = self.conn.execute(
+                update(R)
+                .where(R.c.rid == rid, R.c.version == version - 1)
+                .values(version=version, last_updated=last_updated, deleted=deleted)
+            )
+            if res.rowcount != 1:
+                raise VersionConflict(
+                    f"{new.resource_type}/{new.id} changed concurrently; re-read and retry"
+                )
+            for table in s.INDEX_TABLES.values():
+                self.conn.execute(delete(table).where(table.c.rid == rid))
+        self.conn.execute(
+            insert(H).values(
+                rid=rid,
+                version=version,
+                last_updated=last_updated,
+                method=new.method,
+                content=new.content,
+            )
+        )
+        if not deleted:
+            self._insert_index([(rid, new)])
+        op = "delete" if deleted else ("create" if version == 1 else "update")
+        self.conn.execute(
+            insert(s.outbox).values(
+                rtype=new.resource_type, id=new.id, version=version, op=op, created=last_updated
+            )
+        )
+        return StoredResource(
+            new.resource_type, new.id, version, last_updated, deleted, new.content, new.method, rid
+        )
+
+    def write_many(
+        self, items: Sequence[tuple[NewVersion, int]], last_updated: int
+    ) -> list[StoredResource]:
+        """Bulk write; creates are batched, other versions go through :meth:`write`."""
+        out: list[StoredResource] = []
+        creates = [n for n, v in items if v == 1 and (n.resource_type, n.id) not in self._rids]
+        created = {id(n) for n in creates}
+        others = [(n, v) for n, v in items if id(n) not in created]
+        if creates:
+            rids = (
+                self.conn.execute(
+                    insert(R).returning(R.c.rid, sort_by_parameter_order=True),
+                    [
+                        {
+                            "rtype": n.resource_type,
+                            "id": n.id,
+                            "version": 1,
+                            "last_updated": last_updated,
+                            "deleted": n.content is None,
+                        }
+                        for n in creates
+                    ],
+                )
+                .scalars()
+                .all()
+            )
+            pairs = list(zip(rids, creates, strict=True))
+            self.conn.execute(
+                insert(H),
+                [
+                    {
+                        "rid": rid,
+                        "version": 1,
+                        "last_updated": last_updated,
+                        "method": n.method,
+                        "content": n.content,
+                    }
+                    for rid, n in pairs
+                ],
+            )
+            self._insert_index([(rid, n) for rid, n in pairs if n.content is not None])
+            self.conn.execute(
+                insert(s.outbox),
+                [
+                    {
+                        "rtype": n.resource_type,
+                        "id": n.id,
+                        "version": 1,
+                        "op": "create",
+                        "created": last_updated,
+                    }
+                    for n in creates
+                ],
+            )
+            for rid, n in pairs:
+                self._rids[(n.resource_type, n.id)] = rid
+                out.append(
+                    StoredResource(
+                        n.resource_type, n.id, 1, last_updated, False, n.content, n.method, rid
+                    )
+                )
+        for n, v in others:
+            out.append(self.write(n, v, last_updated))
+        return out
+
+    def _insert_index(self, items: Sequence[tuple[int, NewVersion]]) -> None:
+        batches: dict[str, list[dict[str, object]]] = {k: [] for k in s.INDEX_TABLES}
+        for rid, new in items:
+            rt = new.resource_type
+            for row in new.index.rows:
+                pid = param_id(rt, row.param)
+                if isinstance(row, TokenRow):
+                    batches["token"].append(
+                        {
+                            "rid": rid,
+                            "pid": pid,
+                            "system": _clip(row.system),
+                            "code": _clip(row.code),
+                        }
+                    )
+                elif isinstance(row, StringRow):
+                    batches["string"].append(
+                        {"rid": rid, "pid": pid, "norm": _clip(row.norm), "exact": _clip(row.exact)}
+                    )
+                elif isinstance(row, DateRow):
+                    batches["date"].append({"rid": rid, "pid": pid, "lo": row.lo, "hi": row.hi})
+                elif isinstance(row, ReferenceRow):
+                    batches["reference"].append(
+                        {
+                            "rid": rid,
+                            "pid": pid,
+                            "target_type": row.target_type,
+                            "target_id": _clip(row.target_id),
+                        }
+                    )
+                elif isinstance(row, QuantityRow):
+                    batches["quantity"].append(
+                        {
+                            "rid": rid,
+                            "pid": pid,
+                            "value": row.value,
+                            "system": _clip(row.system),
+                            "code": _clip(row.code),
+                        }
+                    )
+                elif isinstance(row, UriRow):
+                    batches["uri"].append({"rid": rid, "pid": pid, "value": row.value[:512]})
+        for kind, rows in batches.items():
+            if rows:
+                self.conn.execute(insert(s.INDEX_TABLES[kind]), rows)
+
+    def search_ids(self, query: Query) -> list[tuple[str, str]]:
+        """(type, id) of current resources matching ``query`` inside this transaction."""
+        compiler = _Compiler(self.store.dialect, query.resource_type)
+        stmt = select(R.c.rtype, R.c.id).where(R.c.deleted == false(), *compiler.where(query.conds))
+        if query.resource_type:
+            stmt = stmt.where(R.c.rtype == query.resource_type)
+        stmt = stmt.limit(query.count)
+        return [(r.rtype, r.id) for r in self.conn.execute(stmt)]
+
+
+def _clip(value: str | None) -> str | None:
+    return value[:MAX_STR] if value is not None else None
+
+
+def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _keyset_after(keys: list[tuple[Any, bool]], after: list[object]) -> ColumnElement[bool]:
+    """Rows strictly after the cursor in the (mixed-direction) sort order."""
+    ors = []
+    for i, (expr, desc) in enumerate(keys):
+        eqs = [k == v for (k, _), v in zip(keys[:i], after[:i], strict=True)]
+        cmp = expr < after[i] if desc else expr > after[i]
+        ors.append(and_(*eqs, cmp))
+    return or_(*ors)
+
+
+# Sentinels so NULL sort values order consistently (keyset comparisons cannot use NULL).
+_LOW_INT = -(2**62)
+_HIGH_INT = 2**62
+
+
+class _Compiler:
+    """Compiles search conditions into SQL against the ``resources`` table alias ``r``.
+
+    The most selective condition "drives" (``rid IN (subquery)``, answered from an index in
+    rid order); the others are correlated ``EXISTS`` probes on the rid index, so a search for
+    one patient's results never materialises every row that matches a common code or date.
+    """
+
+    _RANK = {
+        IdCond: 0,
+        ReferenceCond: 1,
+        CompartmentCond: 1,
+        ChainCond: 2,
+        TokenCond: 3,
+        StringCond: 4,
+        UriCond: 4,
+        NumberCond: 6,
+        DateCond: 7,
+    }
+
+    def __init__(self, dialect: str, resource_type: str | None) -> None:
+        self.dialect = dialect
+        self.rtype = resource_type
+
+    def pid(self, param: str, rtype: str | None = None) -> int:
+        t = rtype or self.rtype
+        if t is None:
+            raise InvalidRequest(f"search parameter {param!r} needs a resource type")
+        return param_id(t, param)
+
+    def where(
+        self, conds: Sequence[Condition], r: FromClause = R, rtype: str | None = None
+    ) -> list[ColumnElement[bool]]:
+        driver = self._pick_driver(conds)
+        return [self.cond(c, r, rtype, drive=(i == driver)) for i, c in enumerate(conds)]
+
+    def _pick_driver(self, conds: Sequence[Condition]) -> int | None:
+        best, best_rank = None, 99
+        for i, c in enumerate(conds):
+            if getattr(c, "negate", False):
+                continue
+            rank = self._RANK.get(type(c), 99)
+            if isinstance(c, StringCond) and c.mode == "contains":
+                rank = 99
+            if rank < best_rank:
+                best, best_rank = i, rank
+        return best
+
+    def _probe(
+        self,
+        table: Any,
+        r: FromClause,
+        drive: bool,
+        *filters: ColumnElement[bool],
+    ) -> ColumnElement[bool]:
+        if drive:
+            return r.c.rid.in_(select(table.c.rid).where(*filters))
+        return exists().where(table.c.rid == r.c.rid, *filters)
+
+    def cond(
+        self, c: Condition, r: FromClause = R, rtype: str | None = None, drive: bool = False
+    ) -> ColumnElement[bool]:
+        rt = rtype or self.rtype
+        if isinstance(c, IdCond):
+            clause = r.c.id.in_(list(c.ids))
+            return not_(clause) if c.negate else clause
+        if isinstance(c, TypeCond):
+            return r.c.rtype.in_(list(c.types))
+        if isinstance(c, LastUpdatedCond):
+            return _range_compare(c.prefix, r.c.last_updated, r.c.last_updated, c.lo, c.hi)
+        if isinstance(c, AnyOf):
+            return or_(*(self.cond(x, r, rt) for x in c.conds)) if c.conds else false()
+        if isinstance(c, CompartmentCond):
+            x = s.idx_reference
+            pids = [param_id(t, p) for t, p in c.links if rt is None or t == rt]
+            member = self._probe(
+                x,
+                r,
+                drive,
+                x.c.target_id.in_(list(c.owner_ids)),
+                x.c.pid.in_(pids),
+                x.c.target_type == c.owner_type,
+            )
+            own = and_(r.c.rtype == c.owner_type, r.c.id.in_(list(c.owner_ids)))
+            if rt is not None and rt != c.owner_type:
+                return member if pids else false()
+            return or_(own, member) if pids else own
+        pid = self.pid(c.param, rt)
+        if isinstance(c, TokenCond):
+            t = s.idx_token
+            f: list[ColumnElement[bool]] = [t.c.pid == pid]
+            if c.code is not None:
+                f.append(t.c.code == _clip(c.code))
+            if c.system == "":
+                f.append(t.c.system.is_(None))
+            elif c.system is not None:
+                f.append(t.c.system == _clip(c.system))
+            if c.negate:
+                return not_(self._probe(t, r, False, *f))
+            return self._probe(t, r, drive, *f)
+        if isinstance(c, StringCond):
+            t = s.idx_string
+            v = _clip(c.value) or ""
+            if c.mode == "exact":
+                return self._probe(t, r, drive, t.c.pid == pid, t.c.exact == v)
+            if c.mode == "contains":
+                return self._probe(
+                    t, r, False, t.c.pid == pid, t.c.norm.like(f"%{_like_escape(v)}%", escape="\\")
+                )
+            if self.dialect == "sqlite":
+                rng = and_(t.c.norm >= v, t.c.norm < v + "\U0010ffff")
+            else:
+                rng = t.c.norm.like(f"{_like_escape(v)}%", escape="\\")
+            return self._probe(t, r, drive, t.c.pid == pid, rng)
+        if isinstance(c, DateCond):
+            t = s.idx_date
+            if c.prefix == "ne":
+                inner = _range_compare("eq", t.c.lo, t.c.hi, c.lo, c.hi)
+                return not_(self._probe(t, r, False, t.c.pid == pid, inner))
+            cmp = _range_compare(c.prefix, t.c.lo, t.c.hi, c.lo, c.hi)
+            return self._probe(t, r, drive, t.c.pid == pid, cmp)
+        if isinstance(c, NumberCond):
+            t = s.idx_quantity
+            f = [t.c.pid == pid]
+            if c.code is not None:
+                f.append(t.c.code == c.code)
+            if c.system is not None:
+                f.append(t.c.system == c.system)
+            if c.prefix == "ne":
+                inner = and_(t.c.value >= c.lo, t.c.value < c.hi)
+                return not_(self._probe(t, r, False, *f, inner))
+            return self._probe(t, r, drive, *f, _number_compare(c, t.c.value))
+        if isinstance(c, ReferenceCond):
+            t = s.idx_reference
+            f = [t.c.target_id == _clip(c.target_id), t.c.pid == pid]
+            if c.target_type is not None:
+                f.append(t.c.target_type == c.target_type)
+            return self._probe(t, r, drive, *f)
+        if isinstance(c, UriCond):
+            t = s.idx_uri
+            m: ColumnElement[bool]
+            if c.mode == "below":
+                m = t.c.value.like(f"{_like_escape(c.value)}%", escape="\\")
+            elif c.mode == "above":
+                m = t.c.value.in_(_uri_prefixes(c.value))
+            else:
+                m = t.c.value == c.value
+            return self._probe(t, r, drive, t.c.pid == pid, m)
+        if isinstance(c, MissingCond):
+            t = s.INDEX_TABLES[c.table]
+            has = exists().where(t.c.rid == r.c.rid, t.c.pid == pid)
+            return not_(has) if c.missing else has
+        if isinstance(c, ChainCond):
+            r2 = R.alias("r2")
+            targets = select(r2.c.id).where(
+                r2.c.rtype == c.target_type,
+                r2.c.deleted == false(),
+                *self.where(c.conds, r2, c.target_type),
+            )
+            t = s.idx_reference
+            return self._probe(
+                t,
+                r,
+                drive,
+                t.c.pid == pid,
+                t.c.target_type == c.target_type,
+                t.c.target_id.in_(targets),
+            )
+        raise InvalidRequest(f"unsupported search condition {type(c).__name__}")
+
+    def sort_expr(self, key: SortKey) -> tuple[Any, bool]:
+        if key.kind == "id":
+            return R.c.id, key.descending
+        if key.kind == "lastUpdated":
+            return R.c.last_updated, key.descending
+        pid = self.pid(key.param)
+        agg = func.max if key.descending else func.min
+        sentinel: object
+        if key.kind == "date":
+            t = s.idx_date
+            col, sentinel = (
+                (t.c.hi if key.descending else t.c.lo),
+                _LOW_INT if key.descending else _HIGH_INT,
+            )
+        elif key.kind == "quantity":
+            t = s.idx_quantity
+            col, sentinel = t.c.value, _LOW_INT if key.descending else _HIGH_INT
+        elif key.kind == "token":
+            t = s.idx_token
+            col, sentinel = t.c.code, "" if key.descending else "\U0010ffff"
+        elif key.kind == "string":
+            t = s.idx_string
+            col, sentinel = t.c.norm, "" if key.descending else "\U0010ffff"
+        else:
+            t = s.idx_uri
+            col, sentinel = t.c.value, "" if key.descending else "\U0010ffff"
+        sub = select(agg(col)).where(t.c.rid == R.c.rid, t.c.pid == pid).scalar_subquery()
+        return func.coalesce(sub, literal(sentinel)), key.descending
+
+
+def _like_escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _uri_prefixes(v: str) -> list[str]:
+    parts = v.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _range_compare(
+    prefix: str, lo: ColumnElement[Any], hi: ColumnElement[Any], slo: int, shi: int
+) -> ColumnElement[bool]:
+    """FHIR date prefixes on a stored range [lo, hi] against a search range [slo, shi]."""
+    if prefix == "eq":
+        return and_(lo >= slo, hi <= shi)
+    if prefix == "ne":
+        return not_(and_(lo >= slo, hi <= shi))
+    if prefix == "gt":
+        return hi > shi
+    if prefix == "lt":
+        return lo < slo
+    if prefix == "ge":
+        return hi >= slo
+    if prefix == "le":
+        return lo <= shi
+    if prefix == "sa":
+        return lo > shi
+    if prefix == "eb":
+        return hi < slo
+    if prefix == "ap":
+        slack = max((shi - slo) // 10, 86_400_000_000)
+        return and_(lo <= shi + slack, hi >= slo - slack)
+    raise InvalidRequest(f"unknown prefix {prefix!r}")
+
+
+def _number_compare(c: NumberCond, col: ColumnElement[Any]) -> ColumnElement[bool]:
+    """FHIR number prefixes; ``eq`` honours the precision range of the search value."""
+    p = c.prefix
+    if p == "eq":
+        return and_(col >= c.lo, col < c.hi)
+    if p in ("gt", "sa"):
+        return col > c.value
+    if p in ("lt", "eb"):
+        return col < c.value
+    if p == "ge":
+        return col >= c.value
+    if p == "le":
+        return col <= c.value
+    if p == "ap":
+        d = abs(c.value) * 0.1
+        return and_(col >= c.value - d, col <= c.value + d)
+    raise InvalidRequest(f"unknown prefix {p!r}")
+
+
+__all__ = ["SqlResourceStore", "SqlWriteTx", "now_us"]

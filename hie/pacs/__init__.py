@@ -1,0 +1,1 @@
+"""hie.pacs: built by a later issue (see DESIGN.md roadmap)."""

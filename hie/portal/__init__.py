@@ -1,0 +1,1 @@
+"""hie.portal: built by a later issue (see DESIGN.md roadmap)."""

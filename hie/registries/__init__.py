@@ -1,0 +1,1 @@
+"""hie.registries: built by a later issue (see DESIGN.md roadmap)."""

@@ -1,0 +1,258 @@
+"""Contract suite for the resource store port, run against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import orjson
+import pytest
+
+from hie.hub.errors import VersionConflict
+from hie.hub.store.port import (
+    AnyOf,
+    ChainCond,
+    CompartmentCond,
+    DateCond,
+    DateRow,
+    IdCond,
+    IndexRows,
+    MissingCond,
+    NewVersion,
+    NumberCond,
+    QuantityRow,
+    Query,
+    ReferenceCond,
+    ReferenceRow,
+    ResourceStore,
+    SortKey,
+    StringCond,
+    StringRow,
+    TokenCond,
+    TokenRow,
+    TypeCond,
+)
+from hie.hub.store.sql import now_us
+
+DAY = 86_400_000_000
+
+
+def _new(
+    rtype: str, rid: str, rows: list[object] | None = None, method: str = "POST"
+) -> NewVersion:
+    body = orjson.dumps({"resourceType": rtype, "id": rid})
+    return NewVersion(rtype, rid, body, IndexRows(list(rows or [])), method)  # type: ignore[arg-type]
+
+
+def _put(store: ResourceStore, rtype: str, rid: str, rows: list[object] | None = None) -> None:
+    with store.transaction() as tx:
+        cur = tx.current(rtype, rid)
+        tx.write(_new(rtype, rid, rows, "PUT"), (cur.version + 1) if cur else 1, now_us())
+
+
+def _ids(page: object) -> list[str]:
+    return [r.id for r in page.items]  # type: ignore[attr-defined]
+
+
+def test_create_read_update_history(store: ResourceStore) -> None:
+    _put(store, "Patient", "p1")
+    _put(store, "Patient", "p1")
+    cur = store.read("Patient", "p1")
+    assert cur is not None and cur.version == 2 and not cur.deleted
+    assert orjson.loads(cur.content or b"")["id"] == "p1"
+    v1 = store.vread("Patient", "p1", 1)
+    assert v1 is not None and v1.version == 1
+    assert store.vread("Patient", "p1", 3) is None
+    assert store.read("Patient", "nope") is None
+    items, more = store.history("Patient", "p1", since=None, count=10, before_seq=None)
+    assert [i.version for i in items] == [2, 1] and more is None
+
+
+def test_delete_is_a_versioned_tombstone(store: ResourceStore) -> None:
+    _put(store, "Patient", "p1", [StringRow("name", "ivanova", "Ivanova")])
+    with store.transaction() as tx:
+        cur = tx.current("Patient", "p1")
+        assert cur is not None
+        tx.write(
+            NewVersion("Patient", "p1", None, IndexRows(), "DELETE"), cur.version + 1, now_us()
+        )
+    cur = store.read("Patient", "p1")
+    assert cur is not None and cur.deleted and cur.version == 2
+    assert store.vread("Patient", "p1", 1) is not None
+    page = store.search(Query("Patient", [StringCond("name", "ivan")]))
+    assert page.items == []
+
+
+def test_optimistic_lock_conflict(store: ResourceStore) -> None:
+    _put(store, "Patient", "p1")
+    with pytest.raises(VersionConflict), store.transaction() as tx:
+        tx.write(_new("Patient", "p1", method="PUT"), 5, now_us())
+    assert store.read("Patient", "p1").version == 1  # type: ignore[union-attr]
+
+
+def test_failed_transaction_leaves_no_trace(store: ResourceStore) -> None:
+    with pytest.raises(RuntimeError), store.transaction() as tx:
+        tx.write(_new("Patient", "a"), 1, now_us())
+        raise RuntimeError("boom")
+    assert store.read("Patient", "a") is None
+    assert store.outbox_read("c", 10) == []
+
+
+def test_duplicate_create_conflicts(store: ResourceStore) -> None:
+    _put(store, "Patient", "p1")
+    with pytest.raises(VersionConflict), store.transaction() as tx:
+        tx.write_many([(_new("Patient", "p1"), 1)], now_us())
+
+
+def _seed(store: ResourceStore) -> None:
+    t0 = 1_700_000_000_000_000
+    with store.transaction() as tx:
+        tx.write_many(
+            [
+                (
+                    _new(
+                        "Patient",
+                        "p1",
+                        [
+                            StringRow("name", "иванова", "Иванова"),
+                            TokenRow("identifier", "urn:oid:1.2.643.100.3", "112-233-445 95"),
+                            TokenRow("gender", None, "female"),
+                        ],
+                    ),
+                    1,
+                ),
+                (
+                    _new(
+                        "Patient",
+                        "p2",
+                        [StringRow("name", "петров", "Петров"), TokenRow("gender", None, "male")],
+                    ),
+                    1,
+                ),
+            ]
+            + [
+                (
+                    _new(
+                        "Observation",
+                        f"o{i}",
+                        [
+                            ReferenceRow("subject", "Patient", "p1" if i % 2 == 0 else "p2"),
+                            TokenRow("code", "http://loinc.org", "718-7" if i % 3 else "2345-7"),
+                            DateRow("date", t0 + i * DAY, t0 + i * DAY),
+                            QuantityRow(
+                                "value-quantity", float(100 + i), "http://unitsofmeasure.org", "g/L"
+                            ),
+                        ],
+                    ),
+                    1,
+                )
+                for i in range(20)
+            ],
+            now_us(),
+        )
+
+
+def test_search_conditions(store: ResourceStore) -> None:
+    _seed(store)
+    t0 = 1_700_000_000_000_000
+    q = lambda *c, **kw: store.search(Query("Observation", list(c), **kw))  # noqa: E731
+    subj = ReferenceCond("subject", "Patient", "p1")
+    assert len(q(subj).items) == 10
+    assert len(q(subj, TokenCond("code", "http://loinc.org", "2345-7")).items) == 4  # 0,6,12,18
+    assert len(q(TokenCond("code", None, "2345-7")).items) == 7
+    assert len(q(TokenCond("code", "", "2345-7")).items) == 0
+    assert len(q(TokenCond("code", "http://loinc.org", "2345-7", negate=True)).items) == 13
+    ge = DateCond("date", "ge", t0 + 10 * DAY, t0 + 11 * DAY - 1)
+    assert len(q(ge).items) == 10
+    assert len(q(DateCond("date", "lt", t0 + 2 * DAY, t0 + 3 * DAY - 1)).items) == 2
+    assert len(q(DateCond("date", "eq", t0 + 5 * DAY, t0 + 6 * DAY - 1)).items) == 1
+    assert len(q(DateCond("date", "ne", t0 + 5 * DAY, t0 + 6 * DAY - 1)).items) == 19
+    assert len(q(NumberCond("value-quantity", "gt", 115, 115, 115)).items) == 4
+    assert len(q(NumberCond("value-quantity", "eq", 105, 104.5, 105.5, code="g/L")).items) == 1
+    assert len(q(MissingCond("value-quantity", "quantity", True)).items) == 0
+    assert len(q(IdCond(("o1", "o2"))).items) == 2
+    assert len(q(AnyOf((IdCond(("o1",)), IdCond(("o3",))))).items) == 2
+    chain = ChainCond("subject", "Patient", (TokenCond("identifier", None, "112-233-445 95"),))
+    assert len(q(chain).items) == 10
+    assert len(q(chain, ge).items) == 5
+    pq = store.search(Query("Patient", [StringCond("name", "иван")]))
+    assert _ids(pq) == ["p1"]
+    assert _ids(store.search(Query("Patient", [StringCond("name", "ван", "contains")]))) == ["p1"]
+    assert _ids(store.search(Query("Patient", [StringCond("name", "иван", "exact")]))) == []
+    assert _ids(store.search(Query("Patient", [StringCond("name", "Иванова", "exact")]))) == ["p1"]
+
+
+def test_keyset_paging_sort_and_total(store: ResourceStore) -> None:
+    _seed(store)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = store.search(
+            Query(
+                "Observation", [], [SortKey("date", "date", True)], count=6, after=after, total=True
+            )
+        )
+        assert page.total == 20
+        seen.extend(_ids(page))
+        after = page.next_after
+        if after is None:
+            break
+    assert seen == [f"o{i}" for i in range(19, -1, -1)]
+    # paging stays correct while data changes: a new row sorting before the cursor is not
+    # returned twice, rows after it are not skipped
+    p1 = store.search(Query("Observation", [], count=5))
+    _put(store, "Observation", "new")
+    p2 = store.search(Query("Observation", [], count=100, after=p1.next_after))
+    assert not set(_ids(p1)) & set(_ids(p2))
+    assert len(_ids(p1)) + len(_ids(p2)) == 21
+
+
+def test_compartment_and_references(store: ResourceStore) -> None:
+    _seed(store)
+    links = (("Observation", "subject"),)
+    page = store.search(Query(None, [CompartmentCond("Patient", ("p1",), links)], count=100))
+    assert sorted(_ids(page)) == sorted(["p1"] + [f"o{i}" for i in range(0, 20, 2)])
+    page = store.search(
+        Query(None, [CompartmentCond("Patient", ("p1",), links), TypeCond(("Patient",))])
+    )
+    assert _ids(page) == ["p1"]
+    obs = store.search(Query("Observation", [IdCond(("o0",))])).items
+    assert store.references_from([obs[0].rid], [("Observation", "subject")]) == [("Patient", "p1")]
+    rev = store.referencing([("Patient", "p2")], "Observation", "subject", 100)
+    assert len(rev) == 10
+
+
+def test_outbox_in_order_and_acknowledged(store: ResourceStore) -> None:
+    _seed(store)
+    events = store.outbox_read("idx", 5)
+    assert [e.seq for e in events] == sorted(e.seq for e in events) and len(events) == 5
+    store.outbox_ack("idx", events[-1].seq)
+    rest = store.outbox_read("idx", 100)
+    assert len(rest) == 17 and rest[0].seq == events[-1].seq + 1
+    store.outbox_ack("idx", events[0].seq)  # never moves backwards
+    assert store.outbox_position("idx")[0] == events[-1].seq
+    assert store.outbox_read("other", 100)[0].seq == events[0].seq
+
+
+def test_concurrent_writers_do_not_lose_updates(store: ResourceStore) -> None:
+    _put(store, "Patient", "counter")
+    errors: list[Exception] = []
+
+    def bump() -> None:
+        for _ in range(10):
+            while True:
+                try:
+                    _put(store, "Patient", "counter")
+                    break
+                except VersionConflict:
+                    continue
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+                    return
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert store.read("Patient", "counter").version == 41  # type: ignore[union-attr]
