@@ -41,20 +41,28 @@ def _settings() -> Settings:
 def serve(
     migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
 ) -> None:
-    """Run the HTTP API and the outbox worker in one process (MLLP and DICOM come later)."""
+    """Run the HTTP API and the outbox worker (MLLP and DICOM listeners come later).
+
+    With ``HIE_HTTP_WORKERS`` > 1 the HTTP API runs in that many processes (validation is
+    CPU-bound and Python has one core per process); this process keeps the outbox worker.
+    """
+    import os
+
     import uvicorn
 
     from hie.fhir.app import create_app
+    from hie.fhir.indexing import SearchIndexer
     from hie.hub.runtime import open_hub
 
     settings = _settings()
     hub = open_hub(settings)
     if migrate:
         hub.store.migrate()
-    application = create_app(settings, hub)
+    workers = settings.effective_http_workers
     base = settings.public_base
     typer.echo(
-        f"HIE hub on {base}\n  FHIR      {base}/fhir (metadata: {base}/fhir/metadata)\n"
+        f"HIE hub on {base} ({workers} HTTP worker process(es))\n"
+        f"  FHIR      {base}/fhir (metadata: {base}/fhir/metadata)\n"
         f"  API docs  {base}/docs\n  health    {base}/healthz\n  metrics   {base}/metrics\n"
         f"  data      {settings.data_dir.resolve()}",
         err=True,
@@ -62,16 +70,31 @@ def serve(
     if settings.http_port == 0:
         typer.echo("HIE_HTTP_PORT=0: HTTP listener disabled", err=True)
         return
-    uvicorn.run(
-        application,
-        host=settings.http_host,
-        port=settings.http_port,
-        log_config=None,
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=10,
-    )
+    options: dict[str, object] = {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "log_config": None,
+        "access_log": False,
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": 10,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings, hub), **options)  # type: ignore[arg-type]
+        return
+    if settings.worker:
+        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+        hub.start_worker()
+    os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
+    try:
+        uvicorn.run(
+            "hie.fhir.app:app_from_env",
+            factory=True,
+            workers=workers,
+            **options,  # type: ignore[arg-type]
+        )
+    finally:
+        hub.close()
 
 
 @app.command()

@@ -53,9 +53,20 @@ def _if_match(request: Request) -> int | None:
     if not raw:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise InvalidRequest(f'If-Match {raw!r} is not a version ETag like W/"3"')
     return int(value)
+
+
+def _query(request: Request) -> list[tuple[str, str]]:
+    """The URL's query items in order; a NUL character anywhere is refused."""
+    return _no_nul(list(request.query_params.multi_items()))
+
+
+def _no_nul(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if any("\x00" in k or "\x00" in v for k, v in items):
+        raise InvalidRequest("the query contains a NUL character")
+    return items
 
 
 def _prefer(request: Request, key: str) -> str | None:
@@ -162,7 +173,7 @@ class FhirApi:
 
         @r.get("")
         async def system_search(request: Request) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             body = await self.run(
                 svc.search, None, items, self.base(request), lenient=self._lenient(request)
             )
@@ -170,13 +181,13 @@ class FhirApi:
 
         @r.get("/_history")
         async def system_history(request: Request) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             return fhir_response(await self.run(svc.history, None, None, items, self.base(request)))
 
         @r.get("/Patient/{id}/$everything")
         @r.post("/Patient/{id}/$everything")
         async def everything(request: Request, id: str) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             return fhir_response(await self.run(svc.everything, id, items, self.base(request)))
 
         @r.post("/{rtype}/$validate")
@@ -192,7 +203,7 @@ class FhirApi:
 
         @r.get("/{rtype}/_history")
         async def type_history(request: Request, rtype: str) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             return fhir_response(
                 await self.run(svc.history, rtype, None, items, self.base(request))
             )
@@ -205,7 +216,7 @@ class FhirApi:
 
         @r.get("/{rtype}")
         async def search_type(request: Request, rtype: str) -> Response:
-            return await do_search(request, rtype, list(request.query_params.multi_items()))
+            return await do_search(request, rtype, _query(request))
 
         @r.post("/{rtype}/_search")
         async def search_post(request: Request, rtype: str) -> Response:
@@ -213,14 +224,12 @@ class FhirApi:
             if ctype != "application/x-www-form-urlencoded":
                 raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
             form = await request.form()
-            items = list(request.query_params.multi_items()) + [
-                (k, str(v)) for k, v in form.multi_items()
-            ]
-            return await do_search(request, rtype, items)
+            items = _query(request) + [(k, str(v)) for k, v in form.multi_items()]
+            return await do_search(request, rtype, _no_nul(items))
 
         @r.get("/{rtype}/_search")
         async def search_get(request: Request, rtype: str) -> Response:
-            return await do_search(request, rtype, list(request.query_params.multi_items()))
+            return await do_search(request, rtype, _query(request))
 
         @r.post("/{rtype}")
         async def create(request: Request, rtype: str) -> Response:
@@ -230,7 +239,7 @@ class FhirApi:
 
         @r.put("/{rtype}")
         async def conditional_update(request: Request, rtype: str) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             if not items:
                 raise InvalidRequest("PUT on a type needs search criteria (conditional update)")
             res = await self.body(request, rtype)
@@ -239,7 +248,7 @@ class FhirApi:
 
         @r.delete("/{rtype}")
         async def conditional_delete(request: Request, rtype: str) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             if not items:
                 raise InvalidRequest("DELETE on a type needs search criteria")
             n = await self.run(svc.conditional_delete, rtype, items)
@@ -297,7 +306,7 @@ class FhirApi:
 
         @r.get("/{rtype}/{id}/_history")
         async def instance_history(request: Request, rtype: str, id: str) -> Response:
-            items = list(request.query_params.multi_items())
+            items = _query(request)
             return fhir_response(await self.run(svc.history, rtype, id, items, self.base(request)))
 
         @r.get("/{rtype}/{id}/_history/{vid}")

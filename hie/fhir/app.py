@@ -78,6 +78,18 @@ class RequestContext:
             hlog.request_id.reset(token)
 
 
+def app_from_env() -> FastAPI:
+    """App factory for ``hie serve``'s HTTP worker processes (settings from ``HIE_*``).
+
+    In multi-process mode the parent process runs the outbox worker, so these never do.
+    """
+    from hie.hub.settings import load_settings
+
+    settings = load_settings()
+    hlog.configure(settings.log_level, settings.log_format)
+    return create_app(settings, start_worker=False)
+
+
 def create_app(
     settings: Settings, hub: Hub | None = None, *, start_worker: bool | None = None
 ) -> FastAPI:

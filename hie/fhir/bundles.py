@@ -14,8 +14,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from hie.fhir import model
 from hie.fhir.dates import format_instant
-from hie.fhir.search import parse_search
 from hie.hub.errors import (
     HieError,
     InvalidRequest,
@@ -70,7 +70,15 @@ def _parse_op(i: int, entry: Any) -> _Op:
             f"{where}.request needs a method (GET/POST/PUT/PATCH/DELETE) and a url",
             expression=[f"{where}.request"],
         )
-    parts = urlsplit(url)
+    for key, value in (("fullUrl", entry.get("fullUrl")), ("ifNoneExist", req.get("ifNoneExist"))):
+        if value is not None and not isinstance(value, str):
+            raise InvalidResource(f"{where} {key} must be a string", expression=[f"{where}"])
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. "http://[" (an unclosed IPv6 host)
+        raise InvalidResource(
+            f"{where}.request.url {url!r} is not a URL", expression=[f"{where}.request.url"]
+        ) from None
     path = parts.path.strip("/")
     segs = path.split("/") if path else []
     criteria = parse_qsl(parts.query, keep_blank_values=True) if parts.query else None
@@ -117,6 +125,13 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
         check_type(op.resource_type)
         if op.method in ("POST", "PUT"):
             op.resource = svc._check_body(op.resource, op.resource_type)
+            try:  # validated here, outside the write lock; only references change later
+                model.validate(op.resource)
+            except InvalidResource as err:
+                where = f"Bundle.entry[{op.index}].resource"
+                err.expression = [e.replace(op.resource_type, where, 1) for e in err.expression]
+                err.message = f"entry {op.index}: {err.message}"
+                raise
         if op.method == "POST" and op.id is not None:
             raise InvalidRequest(f"entry {op.index}: POST url must be the type, not {op.url!r}")
         if op.method == "PUT" and op.id is None and op.criteria is None:
@@ -144,10 +159,7 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
                     if op.full_url:
                         mapping[op.full_url] = f"{op.resource_type}/{op.id}"
             elif op.method == "PUT" and op.id is None:
-                req = parse_search(
-                    op.resource_type, op.criteria or [], default_count=3, max_count=3
-                )
-                found = tx.search_ids(req.query)
+                found = svc._match(tx, op.resource_type, op.criteria or [])
                 if len(found) > 1:
                     raise PreconditionFailed(
                         f"entry {op.index}: conditional update matched {len(found)} resources"
@@ -189,10 +201,7 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
                     svc._delete_in(tx, op.resource_type, op.id, when)
                     op.result = _response("204 No Content", None)
                 else:
-                    req = parse_search(
-                        op.resource_type, op.criteria or [], default_count=3, max_count=3
-                    )
-                    found = tx.search_ids(req.query)
+                    found = svc._match(tx, op.resource_type, op.criteria or [])
                     if len(found) > 1:
                         raise PreconditionFailed(
                             f"entry {op.index}: conditional delete matched {len(found)} resources"
@@ -203,7 +212,12 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
             elif op.method == "POST":
                 assert op.id is not None
                 creates.append(
-                    (svc.prepare(op.resource, op.resource_type, op.id, 1, when, "POST"), 1)
+                    (
+                        svc.prepare(
+                            op.resource, op.resource_type, op.id, 1, when, "POST", validated=True
+                        ),
+                        1,
+                    )
                 )
                 create_ops.append(op)
             elif op.method == "NOOP":
@@ -220,7 +234,9 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
                         f"entry {op.index}: resource id does not match the request url",
                         expression=[f"Bundle.entry[{op.index}].resource.id"],
                     )
-                res = svc._update_in(tx, op.resource, op.resource_type, op.id, op.if_match, when)
+                res = svc._update_in(
+                    tx, op.resource, op.resource_type, op.id, op.if_match, when, validated=True
+                )
                 op.result = _response("201 Created" if res.created else "200 OK", res.stored)
             elif op.method == "PATCH":
                 raise InvalidRequest(
@@ -296,8 +312,14 @@ def _batch_one(svc: FhirService, op: _Op, base: str) -> Json:
         if isinstance(ops, dict) and ops.get("resourceType") == "Binary":
             import base64
 
-            ops = orjson.loads(base64.b64decode(ops.get("data", "")))
-        assert op.id is not None
+            try:
+                ops = orjson.loads(base64.b64decode(str(ops.get("data", "")), validate=True))
+            except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
+                raise InvalidRequest(
+                    f"entry {op.index}: the Binary is not a base64 JSON Patch"
+                ) from None
+        if op.id is None:
+            raise InvalidRequest(f"entry {op.index}: PATCH url must be Type/id, not {op.url!r}")
         res = svc.patch(ops, op.resource_type, op.id, op.if_match)
         return {"response": _response("200 OK", res.stored)}
     raise InvalidRequest(f"entry {op.index}: unsupported method {op.method}")

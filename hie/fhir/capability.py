@@ -32,7 +32,7 @@ def _resource(rtype: str) -> dict[str, Any]:
         "readHistory": True,
         "updateCreate": True,
         "conditionalCreate": True,
-        "conditionalRead": "modified-since",
+        "conditionalRead": "full-support",
         "conditionalUpdate": True,
         "conditionalDelete": "single",
         "referencePolicy": ["literal", "logical"],
@@ -52,7 +52,7 @@ def _resource(rtype: str) -> dict[str, Any]:
 
 def capability_statement(base: str, settings: Settings) -> dict[str, Any]:
     """The server's CapabilityStatement (FHIR R4 §3.1.0.15)."""
-    types = [t for t in supported_types() if t != "Binary"]
+    types = supported_types()
     resources = [_resource(t) for t in types]
     for res in resources:
         res["searchRevInclude"] = [

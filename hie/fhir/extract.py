@@ -29,7 +29,8 @@ _MAX_US = 2**62
 
 def normalise(text: str) -> str:
     """Lower-case and fold accents for string search; ё → е, but й stays й (Russian)."""
-    text = text.lower().replace("ё", "е")
+    # NFC first: a decomposed й (и + U+0306) must stay й like the composed one
+    text = unicodedata.normalize("NFC", text).lower().replace("ё", "е")
     if text.isascii():
         return text
     out = []
@@ -40,7 +41,7 @@ def normalise(text: str) -> str:
         out.append(
             "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
         )
-    return "".join(out)
+    return "".join(out).lower()  # compatibility forms may be upper case: № → No
 
 
 def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:

@@ -10,6 +10,7 @@ Supports AND (repeated parameters) and OR (comma-separated values), modifiers ``
 from __future__ import annotations
 
 import base64
+import math
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -82,29 +83,41 @@ class SearchRequest:
     content: str | None = None  # _content / _text, answered by the search index
 
 
-def split_values(raw: str) -> list[str]:
-    """Split on commas not escaped with a backslash; unescape ``\\,`` ``\\$`` ``\\|``."""
-    out, cur, esc = [], [], False
+def _split_escaped(raw: str, sep: str) -> list[str]:
+    """Split on ``sep`` where it is not escaped with a backslash; the escapes stay."""
+    out: list[str] = []
+    cur: list[str] = []
+    esc = False
     for ch in raw:
         if esc:
-            cur.append(ch)
             esc = False
         elif ch == "\\":
             esc = True
-        elif ch == ",":
+        elif ch == sep:
             out.append("".join(cur))
             cur = []
-        else:
-            cur.append(ch)
+            continue
+        cur.append(ch)
     out.append("".join(cur))
     return out
 
 
+def _unescape(v: str) -> str:
+    return re.sub(r"\\(.?)", r"\1", v, flags=re.DOTALL)
+
+
+def split_values(raw: str) -> list[str]:
+    """Split on commas not escaped with a backslash; unescape ``\\,`` ``\\$`` ``\\|``."""
+    return [_unescape(v) for v in _split_escaped(raw, ",")]
+
+
 def _split_token(v: str) -> tuple[str | None, str | None]:
-    if "|" not in v:
-        return None, v or None
-    system, code = v.split("|", 1)
-    return system, code or None
+    """``system|code`` of a still-escaped value: ``\\|`` is a literal bar (FHIR R4 §3.1.1.4.7)."""
+    parts = _split_escaped(v, "|")
+    if len(parts) == 1:
+        return None, _unescape(v) or None
+    code = _unescape("|".join(parts[1:]))
+    return _unescape(parts[0]), code or None
 
 
 def _prefix(v: str) -> tuple[Prefix, str]:
@@ -118,13 +131,18 @@ def _number(param: str, v: str) -> NumberCond:
     parts = rest.split("|")
     try:
         d = Decimal(parts[0])
-    except InvalidOperation:
+        if not d.is_finite():
+            raise InvalidOperation
+        # the precision range: ±half a unit of the last digit given (FHIR R4 §3.1.1.4.2)
+        half = Decimal(5).scaleb(int(d.as_tuple().exponent) - 1)
+        value, lo, hi = float(d), float(d - half), float(d + half)
+    except ArithmeticError:  # InvalidOperation, Overflow, signalling NaN
         raise InvalidRequest(f"{param}: {rest!r} is not a number") from None
-    exp = d.as_tuple().exponent
-    half = Decimal(5).scaleb(int(exp) - 1) if isinstance(exp, int) else Decimal(0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise InvalidRequest(f"{param}: {rest!r} is not a finite number")
     system = parts[1] or None if len(parts) > 1 else None
     code = parts[2] or None if len(parts) > 2 else None
-    return NumberCond(param, prefix, float(d), float(d - half), float(d + half), system, code)
+    return NumberCond(param, prefix, value, lo, hi, system, code)
 
 
 def _reference_cond(p: SearchParam, v: str, type_mod: str | None) -> Condition:
@@ -138,14 +156,17 @@ def _reference_cond(p: SearchParam, v: str, type_mod: str | None) -> Condition:
     return ReferenceCond(p.name, type_mod, v)
 
 
-def value_cond(p: SearchParam, modifier: str | None, v: str) -> Condition:
-    """One value of one parameter as a condition."""
+def value_cond(p: SearchParam, modifier: str | None, escaped: str) -> Condition:
+    """One value (still escaped, as split from the comma list) of one parameter as a condition."""
     name, kind = p.name, p.kind
+    v = _unescape(escaped)
     if kind == "token":
         if modifier not in (None, "not"):
             raise InvalidRequest(f"modifier :{modifier} is not supported on token {name}")
-        system, code = _split_token(v)
+        system, code = _split_token(escaped)
         return TokenCond(name, system, code, negate=modifier == "not")
+    if kind in ("date", "quantity", "number") and modifier is not None:
+        raise InvalidRequest(f"modifier :{modifier} is not supported on {kind} {name}")
     if kind == "string":
         if modifier not in (None, "exact", "contains"):
             raise InvalidRequest(f"modifier :{modifier} is not supported on string {name}")
@@ -164,7 +185,7 @@ def value_cond(p: SearchParam, modifier: str | None, v: str) -> Condition:
         return UriCond(name, v, modifier or "exact")  # type: ignore[arg-type]
     if kind == "reference":
         if modifier == "identifier":
-            system, code = _split_token(v)
+            system, code = _split_token(escaped)
             targets = p.targets or ("Patient", "Practitioner", "Organization")
             ident = (TokenCond("identifier", system, code),)
             return _any([ChainCond(name, t, ident) for t in targets])
@@ -223,7 +244,7 @@ def param_cond(resource_type: str, key: str, raw: str, *, depth: int = 0) -> lis
         if raw not in ("true", "false"):
             raise InvalidRequest(f"{key}: :missing takes true or false")
         return [MissingCond(name, p.table, raw == "true")]  # type: ignore[arg-type]
-    conds = [value_cond(p, mod, v) for v in split_values(raw) if v != ""]
+    conds = [value_cond(p, mod, v) for v in _split_escaped(raw, ",") if _unescape(v)]
     if not conds:
         raise InvalidRequest(f"{key}: empty value")
     if mod == "not":
@@ -274,7 +295,10 @@ def decode_cursor(raw: str) -> list[object]:
     except (ValueError, orjson.JSONDecodeError):
         raise InvalidRequest("the paging cursor is malformed") from None
     if not isinstance(values, list) or not all(
-        isinstance(v, int | float | str) and not isinstance(v, bool) for v in values
+        isinstance(v, int | float | str)
+        and not isinstance(v, bool)
+        and not (isinstance(v, int) and not -(2**63) <= v < 2**63)  # databases take 64 bits
+        for v in values
     ):
         raise InvalidRequest("the paging cursor is malformed")
     return values

@@ -8,6 +8,7 @@ The HTTP layer (:mod:`hie.fhir.api`) and the protocol adapters call these; every
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,11 +43,13 @@ from hie.hub.errors import (
 from hie.hub.search.port import SearchIndex
 from hie.hub.settings import Settings
 from hie.hub.store.port import (
+    AnyOf,
     CompartmentCond,
     IdCond,
     LastUpdatedCond,
     NewVersion,
     Query,
+    ReferenceCond,
     ResourceStore,
     StoredResource,
     TypeCond,
@@ -55,6 +58,7 @@ from hie.hub.store.port import (
 from hie.hub.store.sql import now_us
 
 Json = dict[str, Any]
+_ID_RX = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 §2.24.0.1 "id"
 _COMPARTMENT_TYPES = {t for t, _ in PATIENT_COMPARTMENT} | {"Patient"}
 
 
@@ -75,6 +79,13 @@ def new_id() -> str:
 def content_json(stored: StoredResource) -> Json:
     """The stored resource as a dict (parses; use only when the content must change)."""
     return orjson.loads(stored.content or b"{}")  # type: ignore[no-any-return]
+
+
+def _digits(value: str, what: str) -> int:
+    """ASCII digits as an int, capped at 2**62 so that it fits a 64-bit database column."""
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidRequest(f"{what} must be a non-negative integer")
+    return int(value) if len(value) <= 18 else 2**62
 
 
 def check_type(resource_type: str) -> None:
@@ -114,15 +125,29 @@ class FhirService:
     # --- preparing versions ----------------------------------------------------------------
 
     def prepare(
-        self, res: Json, resource_type: str, id: str, version: int, when: int, method: str
+        self,
+        res: Json,
+        resource_type: str,
+        id: str,
+        version: int,
+        when: int,
+        method: str,
+        *,
+        validated: bool = False,
     ) -> NewVersion:
-        """Stamp id and meta, validate, extract index rows, serialise."""
+        """Stamp id and meta, validate (unless the caller already did, outside the write
+        lock), extract index rows, serialise."""
+        if not _ID_RX.match(id):
+            raise InvalidResource(f"{id!r} is not a valid id", expression=[f"{resource_type}.id"])
         res["id"] = id
+        if not isinstance(res.get("meta") or {}, dict):
+            raise InvalidResource("meta must be an object", expression=[f"{resource_type}.meta"])
         meta = dict(res.get("meta") or {})
         meta["versionId"] = str(version)
         meta["lastUpdated"] = format_instant(when)
         res["meta"] = meta
-        model.validate(res)
+        if not validated:
+            model.validate(res)
         return NewVersion(resource_type, id, orjson.dumps(res), extract(res), method)  # type: ignore[arg-type]
 
     @staticmethod
@@ -163,11 +188,16 @@ class FhirService:
             stored = tx.write(new, 1, when)
         return WriteResult(stored, True, 201)
 
-    def _match(self, tx: WriteTx, resource_type: str, criteria: str) -> list[tuple[str, str]]:
-        items = parse_qsl(criteria.split("?", 1)[-1], keep_blank_values=True)
-        if not items:
+    def _match(
+        self, tx: WriteTx, resource_type: str, criteria: str | list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Resources matching conditional criteria (a query string or parsed items), seen
+        inside ``tx``; at most three, enough to tell none, one and several apart."""
+        if isinstance(criteria, str):
+            criteria = parse_qsl(criteria.split("?", 1)[-1], keep_blank_values=True)
+        if not criteria:
             raise InvalidRequest("conditional criteria are empty")
-        req = parse_search(resource_type, items, default_count=3, max_count=3)
+        req = parse_search(resource_type, criteria, default_count=3, max_count=3)
         return tx.search_ids(req.query)
 
     def read(self, resource_type: str, id: str) -> StoredResource:
@@ -183,7 +213,7 @@ class FhirService:
     def vread(self, resource_type: str, id: str, version: str) -> StoredResource:
         """A specific version; Gone for the version that is a deletion."""
         check_type(resource_type)
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise NotFound(f"version {version!r} of {resource_type}/{id} does not exist")
         v = self.store.vread(resource_type, id, int(version))
         if v is None:
@@ -202,9 +232,10 @@ class FhirService:
                 f"the body's id {res.get('id')!r} does not match the URL id {id!r}",
                 expression=["id"],
             )
+        model.validate(res)  # outside the write lock: validation is the costly part
         when = now_us()
         with self.store.transaction() as tx:
-            return self._update_in(tx, res, resource_type, id, if_match, when)
+            return self._update_in(tx, res, resource_type, id, if_match, when, validated=True)
 
     def _update_in(
         self,
@@ -215,6 +246,8 @@ class FhirService:
         if_match: int | None,
         when: int,
         method: str = "PUT",
+        *,
+        validated: bool = False,
     ) -> WriteResult:
         cur = tx.current(resource_type, id)
         if if_match is not None and (cur is None or cur.version != if_match):
@@ -223,7 +256,7 @@ class FhirService:
                 f"If-Match expected version {if_match} of {resource_type}/{id}, current is {have}"
             )
         version = cur.version + 1 if cur else 1
-        new = self.prepare(res, resource_type, id, version, when, method)
+        new = self.prepare(res, resource_type, id, version, when, method, validated=validated)
         stored = tx.write(new, version, when)
         created = cur is None or cur.deleted
         return WriteResult(stored, created, 201 if created else 200)
@@ -233,10 +266,10 @@ class FhirService:
     ) -> WriteResult:
         """PUT ``Type?criteria``: 0 matches creates, 1 updates, more is 412."""
         res = self._check_body(res, resource_type)
+        model.validate(res)
         when = now_us()
         with self.store.transaction() as tx:
-            req = parse_search(resource_type, criteria, default_count=3, max_count=3)
-            found = tx.search_ids(req.query)
+            found = self._match(tx, resource_type, criteria)
             if len(found) > 1:
                 raise PreconditionFailed(f"conditional update matched {len(found)} resources")
             if found:
@@ -248,7 +281,7 @@ class FhirService:
                     )
             else:
                 id = res.get("id") or new_id()
-            return self._update_in(tx, res, resource_type, id, None, when)
+            return self._update_in(tx, res, resource_type, id, None, when, validated=True)
 
     def patch(
         self, ops: Any, resource_type: str, id: str, if_match: int | None = None
@@ -294,8 +327,7 @@ class FhirService:
         """DELETE ``Type?criteria`` for a single match (412 for several); returns the count."""
         check_type(resource_type)
         with self.store.transaction() as tx:
-            req = parse_search(resource_type, criteria, default_count=3, max_count=3)
-            found = tx.search_ids(req.query)
+            found = self._match(tx, resource_type, criteria)
             if len(found) > 1:
                 raise PreconditionFailed(f"conditional delete matched {len(found)} resources")
             for rt, rid in found:
@@ -327,15 +359,30 @@ class FhirService:
         if extra_conds:
             req.query.conds.extend(extra_conds)
         if req.content is not None:
-            req.query.conds.append(self._content_cond(resource_type, req.content))
+            req.query.conds.append(self._content_cond(resource_type, req.content, req.query.conds))
         page_path = path or (f"/{resource_type}" if resource_type else "")
         return self._run_search(req, items, base, page_path)
 
-    def _content_cond(self, resource_type: str | None, text: str) -> Any:
-        ids = self.content_search(resource_type, text)
-        return IdCond(tuple(ids) or ("\x00none",))
+    def _content_cond(self, resource_type: str | None, text: str, conds: list[Any]) -> Any:
+        # one patient's documents: ask the text index for that patient only, so the cap on
+        # text hits can never hide a lower-ranked document of theirs
+        patient = next(
+            (
+                f"Patient/{c.target_id}"
+                for c in conds
+                if isinstance(c, ReferenceCond)
+                and c.param in ("patient", "subject")
+                and c.target_type in (None, "Patient")
+            ),
+            None,
+        )
+        ids = self.content_search(resource_type, text, patient)
+        # no hits: a condition that matches nothing (PostgreSQL rejects NUL in a sentinel id)
+        return IdCond(tuple(ids)) if ids else AnyOf(())
 
-    def content_search(self, resource_type: str | None, text: str) -> list[str]:
+    def content_search(
+        self, resource_type: str | None, text: str, patient: str | None = None
+    ) -> list[str]:
         """Logical ids whose text matches ``text`` in the full-text search index."""
         if self.search_index is None:
             raise NotSupported("_content/_text need the full-text search index (not enabled)")
@@ -344,7 +391,7 @@ class FhirService:
                 f"{resource_type} is not full-text indexed; _content/_text apply to "
                 + ", ".join(sorted(FULLTEXT_TYPES))
             )
-        hits = self.search_index().ids_matching(text, resource_type, limit=10_000)
+        hits = self.search_index().ids_matching(text, resource_type, patient, limit=10_000)
         return [h.split("/", 1)[1] for h in hits]
 
     def _run_search(
@@ -444,13 +491,9 @@ class FhirService:
             if key == "_since":
                 since = require_range(value, "_since")[0]
             elif key == "_count":
-                if not value.isdigit():
-                    raise InvalidRequest("_count must be an integer")
-                count = max(1, min(int(value), self.settings.max_page_size))
+                count = max(1, min(_digits(value, "_count"), self.settings.max_page_size))
             elif key == "_cursor":
-                if not value.isdigit():
-                    raise InvalidRequest("the paging cursor is malformed")
-                before = int(value)
+                before = _digits(value, "the paging cursor")
             elif key not in ("_format", "_pretty"):
                 raise InvalidRequest(f"parameter {key!r} is not supported on _history")
         versions, more = self.store.history(
@@ -501,9 +544,7 @@ class FhirService:
             elif key == "_type":
                 conds.append(TypeCond(tuple(t for t in value.split(",") if t)))
             elif key == "_count":
-                if not value.isdigit():
-                    raise InvalidRequest("_count must be an integer")
-                q.count = max(1, min(int(value), self.settings.max_page_size))
+                q.count = max(1, min(_digits(value, "_count"), self.settings.max_page_size))
             elif key == "_cursor":
                 from hie.fhir.search import decode_cursor
 

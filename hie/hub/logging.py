@@ -23,6 +23,29 @@ def _add_request_id(
     return event
 
 
+class _StderrLogger:
+    """Writes each rendered line to whatever ``sys.stderr`` is at the time (so replacing
+    stderr — a test runner, a daemon — never leaves a logger writing to a closed file)."""
+
+    def msg(self, message: str) -> None:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A logging handler bound to the current ``sys.stderr``, not the one at set-up."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Set up structlog and route the standard library's logging through it."""
     renderer: structlog.types.Processor = (
@@ -41,10 +64,10 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_args: _StderrLogger(),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[

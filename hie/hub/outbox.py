@@ -43,7 +43,7 @@ class OutboxWorker:
         consumers: Sequence[Consumer],
         *,
         poll_seconds: float = 0.2,
-        batch: int = 500,
+        batch: int = 2000,
     ) -> None:
         self.store = store
         self.consumers = list(consumers)

@@ -5,6 +5,7 @@ Built by :func:`load_settings` and passed down; nothing reads the environment at
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    http_workers: int = Field(default=0, description="HTTP worker processes; 0 = one per CPU (≤ 4)")
     mllp_port: int = 2575
     dicom_port: int = 11112
     dicom_ae_title: str = "HUB"
@@ -57,6 +59,13 @@ class Settings(BaseSettings):
             if not self.oidc_issuer:
                 raise ValueError("HIE_OIDC_ISSUER must be set in production")
         return self
+
+    @property
+    def effective_http_workers(self) -> int:
+        """How many HTTP worker processes ``hie serve`` runs."""
+        if self.http_workers > 0:
+            return self.http_workers
+        return max(1, min(os.cpu_count() or 1, 4))
 
     @property
     def public_base(self) -> str:
