@@ -168,6 +168,9 @@ def demo(
         hub.close()
         return
     svc = FhirService(hub.store, settings)
+    from hie.registries.terminology import load_builtin
+
+    load_builtin(svc)  # the reference data the demo's codes come from
     with Progress() as progress:
         task = progress.add_task("demo patients", total=patients)
         sent = load_demo(
@@ -211,6 +214,172 @@ def search_reindex() -> None:
     _, newest = hub.store.outbox_position(SearchIndexer.name)
     hub.store.outbox_ack(SearchIndexer.name, newest)
     hub.close()
+
+
+# --- registry: the facility and practitioner registries (ФРМО / ФРМР style) -----------------
+
+registry_app = typer.Typer(
+    help="Facility and practitioner registries (organisations, endpoints, practitioners).",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("load")
+def registry_load(
+    file: Annotated[
+        str, typer.Argument(help="CSV, JSON (Bundle or array of resources) or NDJSON file.")
+    ],
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="organizations | locations | practitioners | roles | endpoints | auto "
+            "(auto: from the CSV columns; JSON may mix types)."
+        ),
+    ] = "auto",
+    skip_bad: Annotated[
+        bool, typer.Option(help="Load the good rows and report the bad ones as skipped.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Validate and count what would change; write nothing.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Validate a registry file and load it (all or nothing, unless --skip-bad).
+
+    Every bad row is reported as FILE:LINE: reason. Loading is idempotent: resources are PUT
+    by id and unchanged ones are left alone. Exit code 1 when nothing was loaded because of
+    bad rows or an unusable file.
+    """
+    from typing import cast
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+    from hie.fhir.service import FhirService
+    from hie.hub.runtime import open_hub
+    from hie.registries.loader import KIND_TYPES, KindArg, load_file
+
+    if kind not in (*KIND_TYPES, "auto"):
+        typer.echo(f"--kind must be one of {', '.join(KIND_TYPES)}, auto", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    hub = open_hub(settings)
+    try:
+        hub.store.migrate()
+        svc = FhirService(hub.store, settings)
+        err = Console(stderr=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=err, transient=True) as progress:
+            tasks: dict[str, TaskID] = {}
+
+            def advance(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = progress.add_task(phase, total=total)
+                progress.update(tasks[phase], completed=done, total=total)
+
+            report = load_file(svc, file, cast(KindArg, kind), skip_bad, dry_run, progress=advance)
+    finally:
+        hub.close()
+    for p in report.problems:
+        label = "skipped" if report.skipped else "bad"
+        typer.echo(f"{file}:{p.line}: {label}: {p.reason}", err=True)
+    if as_json:
+        json.dump(report.as_json(), sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    else:
+        typer.echo(report.summary())
+    raise typer.Exit(report.exit_code)
+
+
+# --- terminology: reference data (НСИ) ------------------------------------------------------
+
+terminology_app = typer.Typer(
+    help="Reference data (НСИ): code systems, value sets and concept maps.",
+    no_args_is_help=True,
+)
+app.add_typer(terminology_app, name="terminology")
+
+
+@terminology_app.command("load")
+def terminology_load(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="FHIR JSON files (a Bundle or one resource) and CSV files."),
+    ] = None,
+    builtin: Annotated[
+        bool, typer.Option("--builtin", help="Load the reference data the hub ships.")
+    ] = False,
+    system: Annotated[str | None, typer.Option(help="CSV: the code system's URL.")] = None,
+    version: Annotated[str | None, typer.Option(help="CSV: the code system's version.")] = None,
+    name: Annotated[str | None, typer.Option(help="CSV: the code system's name.")] = None,
+    title: Annotated[str | None, typer.Option(help="CSV: the code system's title.")] = None,
+) -> None:
+    """Validate and load dictionaries: FHIR JSON (CodeSystem, ValueSet, ConceptMap) and CSV
+    with the columns code,display[,parent][,designation_ru] (one code system per CSV file).
+
+    Every problem is reported as FILE:LINE: reason and nothing is loaded unless every file is
+    good. Loading is idempotent: a resource with an id is PUT by id, one without goes to the
+    stored resource with the same url and version, and unchanged ones are left alone.
+    """
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+    from hie.fhir.service import FhirService
+    from hie.hub.runtime import open_hub
+    from hie.registries.terminology import LoadError, LoadReport, load_builtin, load_files
+
+    files = [Path(p) for p in paths or []]
+    if not files and not builtin:
+        typer.echo("name files to load, or --builtin", err=True)
+        raise typer.Exit(2)
+    if sum(f.suffix.lower() == ".csv" for f in files) > 1:
+        typer.echo("load one CSV file at a time (--system names its code system)", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    hub = open_hub(settings)
+    reports: list[LoadReport] = []
+    try:
+        hub.store.migrate()
+        svc = FhirService(hub.store, settings)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+            tasks: dict[str, TaskID] = {}
+
+            def advance(stage: str, done: int, total: int | None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            if builtin:
+                reports.append(load_builtin(svc, advance))
+            if files:
+                reports.append(
+                    load_files(
+                        svc,
+                        files,
+                        csv_system=system,
+                        csv_name=name,
+                        csv_version=version,
+                        csv_title=title,
+                        progress=advance,
+                    )
+                )
+    except LoadError as exc:
+        for problem in exc.problems:
+            typer.echo(str(problem), err=True)
+        typer.echo(f"{len(exc.problems)} problem(s); nothing loaded", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        hub.close()
+    created = sum(len(r.created) for r in reports)
+    updated = sum(len(r.updated) for r in reports)
+    unchanged = sum(len(r.unchanged) for r in reports)
+    typer.echo(f"terminology: {created} created, {updated} updated, {unchanged} unchanged")
 
 
 if __name__ == "__main__":  # pragma: no cover

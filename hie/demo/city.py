@@ -17,17 +17,21 @@ from typing import Any, Literal
 
 from hie.demo import identifiers, names
 
-# HL7 Endpoint connection types (R4 `endpoint-connection-type`), e.g. hl7v2-mllp.
-HL7_ENDPOINT_CONNECTION_TYPE_SYSTEM = (
-    "http://terminology.hl7.org/CodeSystem/endpoint-connection-type"
+# The registration conventions (identifier and connection-type systems) are the facility
+# registry's: the demo registers its MOs exactly the way a real MO would.
+from hie.registries.facility import (
+    DICOM_AE_TITLE_SYSTEM,
+    ENDPOINT_PAYLOAD_TYPE_SYSTEM,
+    HL7_FACILITY_SYSTEM,
+    patient_id_system_identifier,
 )
-# The hub's own connection types, for what HL7 does not code (DICOM DIMSE associations).
-HIE_ENDPOINT_CONNECTION_TYPE_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/endpoint-connection-type"
-ENDPOINT_PAYLOAD_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-payload-type"
-# Endpoint.identifier system of HL7 v2 sending facilities (MSH-4) registered with the hub.
-HL7_FACILITY_SYSTEM = "https://hie.spb.ru/fhir/sid/hl7v2-sending-facility"
-# Endpoint.identifier system of DICOM AE titles registered with the hub.
-DICOM_AE_TITLE_SYSTEM = "https://hie.spb.ru/fhir/sid/dicom-ae-title"
+from hie.registries.facility import (
+    HIE_CONNECTION_TYPE_SYSTEM as HIE_ENDPOINT_CONNECTION_TYPE_SYSTEM,
+)
+from hie.registries.facility import (
+    HL7_CONNECTION_TYPE_SYSTEM as HL7_ENDPOINT_CONNECTION_TYPE_SYSTEM,
+)
+
 ORGANIZATION_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/organization-type"
 MO_KIND_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/mo-kind"
 PRACTITIONER_ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/practitioner-role"
@@ -287,7 +291,11 @@ def organization(mo: MoInfo) -> dict[str, Any]:
     org: dict[str, Any] = {
         "resourceType": "Organization",
         "id": mo.id,
-        "identifier": [{"use": "official", "system": identifiers.FRMO_SYSTEM, "value": mo.oid}],
+        "identifier": [
+            {"use": "official", "system": identifiers.FRMO_SYSTEM, "value": mo.oid},
+            # the MO's local patient ids (MRNs), registered as hie.registries.facility says
+            patient_id_system_identifier(mo.mrn_system),
+        ],
         "active": True,
         "type": [
             {

@@ -1,14 +1,11 @@
-"""Russian personal and organisational identifiers: systems, generators and checkers.
+"""Russian personal and organisational identifiers of the demo: generators and builders.
 
-Every identifier system URI the demo data uses is a named constant here, in one place. The
-registries issue confirms them against the federal reference data (НСИ Минздрава, ФРНСИ):
+The identifier systems themselves (SNILS ``urn:oid:1.2.643.100.3``, OMS policy, passport, ФРМО)
+and the SNILS / OMS checks live in :mod:`hie.registries.identifiers`, the one source of truth,
+with the table of their sources; they are re-exported here so demo code can keep using
+``hie.demo.identifiers.SNILS_SYSTEM`` and friends. This module adds what only the demo needs:
+random valid numbers, St Petersburg MO OIDs and FHIR ``Identifier`` builders.
 
-- SNILS (СНИЛС) — ``urn:oid:1.2.643.100.3``, the federal OID used for СНИЛС in ЕГИСЗ СЭМД.
-- OMS policy (полис ОМС, единый номер полиса) — there is no federal OID for the number itself
-  (СЭМД carry the policy as typed fields); we use the NamingSystem URI of the HL7 FHIR Russia
-  Core IG (``https://fhir.ru/ig/core/systems/oms``), with the policy kind coded from НСИ
-  «Типы полисов ОМС» (OID 1.2.643.5.1.13.13.99.2.245, code 3 = полис единого образца).
-- Passport (паспорт гражданина РФ) — likewise the RuCore identity-document NamingSystem URI.
 - ФРМО (Федеральный реестр медицинских организаций, НСИ OID 1.2.643.5.1.13.13.11.1461): an
   MO's identifier is its OID under ``1.2.643.5.1.13.13.12.2.<region>`` (78 = St Petersburg).
 - MO-local medical record numbers use a system under the MO's own OID (``<MO OID>.100``).
@@ -19,16 +16,45 @@ from __future__ import annotations
 import random
 from typing import Any
 
-SNILS_SYSTEM = "urn:oid:1.2.643.100.3"
-OMS_SYSTEM = "https://fhir.ru/ig/core/systems/oms"
-PASSPORT_SYSTEM = "https://fhir.ru/ig/core/systems/identity-document"
-FRMO_SYSTEM = "urn:oid:1.2.643.5.1.13.13.11.1461"
+from hie.registries.identifiers import (
+    FRMO_SYSTEM,
+    IDENTIFIER_TYPE_SYSTEM,
+    OMS_POLICY_KIND_SYSTEM,
+    OMS_SYSTEM,
+    PASSPORT_SYSTEM,
+    SNILS_SYSTEM,
+    format_snils,
+    oms_check_digit,
+    oms_is_valid,
+    snils_check,
+    snils_is_valid,
+)
+
+__all__ = [
+    "FRMO_SYSTEM",
+    "IDENTIFIER_TYPE_SYSTEM",
+    "OMS_POLICY_KIND_SYSTEM",
+    "OMS_SYSTEM",
+    "PASSPORT_SYSTEM",
+    "SNILS_SYSTEM",
+    "SPB_MO_OID_ROOT",
+    "format_snils",
+    "mrn_identifier",
+    "mrn_system",
+    "oms_check_digit",
+    "oms_identifier",
+    "oms_is_valid",
+    "passport_identifier",
+    "random_oms",
+    "random_passport",
+    "random_snils",
+    "snils_check",
+    "snils_identifier",
+    "snils_is_valid",
+]
+
 # Root of St Petersburg MO OIDs in ФРМО (region code 78).
 SPB_MO_OID_ROOT = "1.2.643.5.1.13.13.12.2.78"
-# НСИ «Типы полисов ОМС»; code 3 is the single-format policy (полис единого образца).
-OMS_POLICY_KIND_SYSTEM = "urn:oid:1.2.643.5.1.13.13.99.2.245"
-IDENTIFIER_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
-
 # OKATO code of St Petersburg: the first two digits of passport series issued there.
 _SPB_OKATO = "40"
 
@@ -39,41 +65,6 @@ def mrn_system(mo_oid: str) -> str:
 
 
 # --- SNILS -------------------------------------------------------------------------------
-
-
-def snils_check(number9: str) -> str:
-    """Two-digit SNILS check number for the first nine digits (Pension Fund algorithm).
-
-    Weighted sum of the digits with weights 9..1; below 100 the sum itself, 100 and 101 give
-    00, above 101 the sum mod 101 (and a remainder of 100 again gives 00).
-    """
-    total = sum(int(d) * w for d, w in zip(number9, range(9, 0, -1), strict=True))
-    if total < 100:
-        return f"{total:02d}"
-    if total in (100, 101):
-        return "00"
-    rem = total % 101
-    return "00" if rem == 100 else f"{rem:02d}"
-
-
-def format_snils(digits11: str) -> str:
-    """Format 11 digits as ``123-456-789 01``."""
-    d = digits11
-    return f"{d[0:3]}-{d[3:6]}-{d[6:9]} {d[9:11]}"
-
-
-def snils_is_valid(value: str) -> bool:
-    """True if ``value`` is a well-formed SNILS whose check number is right.
-
-    Accepts ``123-456-789 01`` or bare ``12345678901``. The Pension Fund checks the control
-    number only for numbers above 001-001-998; smaller numbers are valid whatever it is.
-    """
-    digits = value.replace("-", "").replace(" ", "")
-    if len(digits) != 11 or not digits.isascii() or not digits.isdigit():
-        return False
-    if int(digits[:9]) <= 1001998:
-        return True
-    return snils_check(digits[:9]) == digits[9:]
 
 
 def random_snils(rng: random.Random) -> str:
@@ -88,34 +79,6 @@ def random_snils(rng: random.Random) -> str:
 
 
 # --- OMS policy --------------------------------------------------------------------------
-
-
-def oms_check_digit(first15: str) -> str:
-    """Check digit of a 16-digit single-format OMS policy number (единый номер полиса).
-
-    ФФОМС's algorithm (order № 79 of 2011): the digits in odd places counting from the right
-    form a number that is doubled; the digits in even places are written in front of it; the
-    digits of the result are summed and the check digit brings the sum to a multiple of 10.
-    Doubling a whole number carries at most one into each next digit, so this is exactly the
-    Luhn algorithm.
-    """
-    total = 0
-    for i, ch in enumerate(reversed(first15)):
-        d = int(ch)
-        if i % 2 == 0:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
-
-
-def oms_is_valid(value: str) -> bool:
-    """True if ``value`` is 16 digits with a correct check digit."""
-    v = value.replace(" ", "")
-    if len(v) != 16 or not v.isascii() or not v.isdigit():
-        return False
-    return oms_check_digit(v[:15]) == v[15]
 
 
 def random_oms(rng: random.Random) -> str:

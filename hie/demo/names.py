@@ -6,12 +6,26 @@ the ordinary rules of Russian morphology (Иванов → Иванова, То�
 name by :func:`patronymic` (Сергей → Сергеевич / Сергеевна, Илья → Ильич / Ильинична).
 
 :func:`transliterate` renders Cyrillic in Latin letters by the ICAO Doc 9303 table (the one in
-Russian international passports since 2013: Щукин → Shchukin) or by GOST 7.79-2000 system B.
+Russian international passports since 2013: Щукин → Shchukin) or by GOST 7.79-2000 system B;
+it and the tables live in :mod:`hie.registries.translit` (one source of truth) and are
+re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import Literal
+
+from hie.registries.translit import TransliterationScheme, transliterate
+
+__all__ = [
+    "FEMALE_GIVEN_NAMES",
+    "MALE_FAMILY_NAMES",
+    "MALE_GIVEN_NAMES",
+    "TransliterationScheme",
+    "family_for",
+    "patronymic",
+    "transliterate",
+]
 
 MALE_FAMILY_NAMES: tuple[str, ...] = tuple(
     """
@@ -122,44 +136,3 @@ def family_for(male_family: str, gender: Literal["male", "female"]) -> str:
         return male_family[:-2] + "ая"
     # -енко, -ых, -их and other indeclinable names are the same for both genders.
     return male_family
-
-
-# ICAO Doc 9303 Part 3 (7th edition), transliteration of Cyrillic for Russian.
-_ICAO: dict[str, str] = {
-    "а": "a", "б": "b", "в": "v", "г": "g", "д": "d", "е": "e", "ё": "e", "ж": "zh",
-    "з": "z", "и": "i", "й": "i", "к": "k", "л": "l", "м": "m", "н": "n", "о": "o",
-    "п": "p", "р": "r", "с": "s", "т": "t", "у": "u", "ф": "f", "х": "kh", "ц": "ts",
-    "ч": "ch", "ш": "sh", "щ": "shch", "ъ": "ie", "ы": "y", "ь": "", "э": "e", "ю": "iu",
-    "я": "ia",
-}  # fmt: skip
-
-# GOST 7.79-2000 system B (ASCII only); ц is "c" before е, и, ы, й and "cz" elsewhere.
-_GOST_B: dict[str, str] = {
-    "а": "a", "б": "b", "в": "v", "г": "g", "д": "d", "е": "e", "ё": "yo", "ж": "zh",
-    "з": "z", "и": "i", "й": "j", "к": "k", "л": "l", "м": "m", "н": "n", "о": "o",
-    "п": "p", "р": "r", "с": "s", "т": "t", "у": "u", "ф": "f", "х": "x", "ц": "cz",
-    "ч": "ch", "ш": "sh", "щ": "shh", "ъ": "``", "ы": "y`", "ь": "`", "э": "e`", "ю": "yu",
-    "я": "ya",
-}  # fmt: skip
-
-TransliterationScheme = Literal["icao", "gost"]
-
-
-def transliterate(text: str, scheme: TransliterationScheme = "icao") -> str:
-    """Render Russian ``text`` in Latin letters (``icao``: Щукина → Shchukina)."""
-    table = _ICAO if scheme == "icao" else _GOST_B
-    out: list[str] = []
-    for i, ch in enumerate(text):
-        low = ch.lower()
-        latin = table.get(low)
-        if latin is None:
-            out.append(ch)
-            continue
-        if scheme == "gost" and low == "ц" and i + 1 < len(text) and text[i + 1].lower() in "еиый":
-            latin = "c"
-        if ch != low and latin:
-            nxt = text[i + 1] if i + 1 < len(text) else ""
-            # An all-capitals word stays all capitals (ЩУКИН → SHCHUKIN).
-            latin = latin.upper() if nxt.isupper() else latin[0].upper() + latin[1:]
-        out.append(latin)
-    return "".join(out)

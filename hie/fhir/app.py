@@ -22,6 +22,7 @@ from hie import __version__
 from hie.fhir.api import FhirApi, fhir_response
 from hie.fhir.indexing import SearchIndexer
 from hie.fhir.service import FhirService, error_outcome, outcome
+from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
@@ -165,6 +166,7 @@ def create_app(
     def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
     app.include_router(FhirApi(service, settings).router)
     app.add_middleware(RequestContext)
     return app

@@ -104,6 +104,14 @@ def _parse_op(i: int, entry: Any) -> _Op:
     )
 
 
+def _check_put_id(op: _Op) -> None:
+    if op.resource.get("id") not in (None, op.id):
+        raise InvalidResource(
+            f"entry {op.index}: resource id does not match the request url",
+            expression=[f"Bundle.entry[{op.index}].resource.id"],
+        )
+
+
 def _response(status: str, stored: StoredResource | None) -> dict[str, Any]:
     out: dict[str, Any] = {"status": status}
     if stored is not None:
@@ -223,17 +231,23 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
             elif op.method == "NOOP":
                 cur = tx.current(op.resource_type, op.id or "", for_update=False)
                 op.result = _response("200 OK", cur)
+            elif op.method == "PUT" and op.if_match is None:
+                _check_put_id(op)
+                if tx.current(op.resource_type, op.id or "", for_update=False) is None:
+                    # update-as-create of a new id joins the bulk write (registry loads, demo)
+                    new = svc.prepare(
+                        op.resource, op.resource_type, op.id or "", 1, when, "PUT", validated=True
+                    )
+                    creates.append((new, 1))
+                    create_ops.append(op)
+                    op.method = "PUT-CREATE"
         if creates:
             for op, stored in zip(create_ops, tx.write_many(creates, when), strict=True):
                 op.result = _response("201 Created", stored)
         for op in ops:
             if op.method == "PUT":
                 assert op.id is not None
-                if op.resource.get("id") not in (None, op.id):
-                    raise InvalidResource(
-                        f"entry {op.index}: resource id does not match the request url",
-                        expression=[f"Bundle.entry[{op.index}].resource.id"],
-                    )
+                _check_put_id(op)
                 res = svc._update_in(
                     tx, op.resource, op.resource_type, op.id, op.if_match, when, validated=True
                 )

@@ -9,6 +9,7 @@ from hie.fhir.model import FHIR_VERSION
 from hie.fhir.search import describe
 from hie.fhir.searchparams import params_for, supported_types
 from hie.hub.settings import Settings
+from hie.registries.terminology import terminology_operations
 
 _INTERACTIONS = [
     "read",
@@ -40,6 +41,8 @@ def _resource(rtype: str) -> dict[str, Any]:
         "searchRevInclude": [],
         "searchParam": describe(rtype),
     }
+    if ops := terminology_operations().get(rtype):
+        out["operation"] = [*out.get("operation", []), *ops]
     if rtype == "Patient":
         out["operation"] = [
             {

@@ -49,6 +49,20 @@ subject reference subject
 encounter reference encounter >Encounter
 """
 
+# Canonical (conformance) resources: the parameters FHIR R4 defines on each of them.
+_CANONICAL = """
+url uri url
+version token version
+name string name
+title string title
+status token status
+date date date
+publisher string publisher
+description string description
+identifier token identifier
+jurisdiction token jurisdiction
+"""
+
 DEFINITIONS: dict[str, str] = {
     "Patient": """
 identifier token identifier
@@ -318,6 +332,35 @@ active token active
 location reference location >Location
 endpoint reference endpoint >Endpoint
 date date period
+service reference healthcareService >HealthcareService
+""",
+    "HealthcareService": """
+identifier token identifier
+name string name
+active token active
+organization reference providedBy >Organization
+location reference location >Location
+service-type token type
+service-category token category
+specialty token specialty
+coverage-area reference coverageArea >Location
+endpoint reference endpoint >Endpoint
+characteristic token characteristic
+program token program
+""",
+    "OrganizationAffiliation": """
+identifier token identifier
+active token active
+date date period
+primary-organization reference organization >Organization
+participating-organization reference participatingOrganization >Organization
+role token code
+specialty token specialty
+location reference location >Location
+service reference healthcareService >HealthcareService
+network reference network >Organization
+endpoint reference endpoint >Endpoint
+telecom token telecom.value
 """,
     "Location": """
 identifier token identifier
@@ -401,6 +444,34 @@ gender token gender
 birthdate date birthDate
 telecom token telecom.value
 address string address
+""",
+    # Terminology (reference data, НСИ). R4 types ConceptMap's source/target as references to
+    # canonicals; the hub indexes every canonical as a uri so that it matches the URL exactly.
+    "CodeSystem": _CANONICAL
+    + """
+system uri url
+code token concept.code
+content-mode token content
+language token concept.designation.language
+""",
+    "ValueSet": _CANONICAL
+    + """
+code token expansion.contains.code,compose.include.concept.code
+reference uri compose.include.system
+expansion uri expansion.identifier
+""",
+    "ConceptMap": _CANONICAL
+    + """
+source uri source[x]
+target uri target[x]
+source-uri uri sourceUri
+target-uri uri targetUri
+source-system uri group.source
+target-system uri group.target
+source-code token group.element.code
+target-code token group.element.target.code
+dependson uri group.element.target.dependsOn.property
+product uri group.element.target.product.property
 """,
     "Binary": "",
 }

@@ -108,6 +108,8 @@ INDEX_TABLES = {
     "uri": idx_uri,
 }
 
+INDEX_TABLES_BY_NAME = {t.name: t for t in INDEX_TABLES.values()}
+
 outbox = Table(
     "outbox",
     metadata,

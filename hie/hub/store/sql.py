@@ -37,6 +37,7 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -613,8 +614,21 @@ class SqlWriteTx:
                 elif isinstance(row, UriRow):
                     uri.append((rid, pid, row.value[:512]))
         for kind, rows in batches.items():
-            if rows:
+            if not rows:
+                continue
+            if self.store.dialect == "postgresql":
+                self._copy(s.INDEX_TABLES[kind].name, rows)
+            else:
                 self.conn.exec_driver_sql(self.store.raw_insert_sql(kind), rows)
+
+    def _copy(self, table: str, rows: list[tuple[object, ...]]) -> None:
+        """PostgreSQL ``COPY … FROM STDIN`` through the driver (several times faster than an
+        INSERT per row), inside the same transaction."""
+        cols = ", ".join(c.name for c in s.INDEX_TABLES_BY_NAME[table].columns)
+        driver_conn: Any = self.conn.connection.driver_connection
+        with driver_conn.cursor() as cur, cur.copy(f"COPY {table} ({cols}) FROM STDIN") as cp:
+            for row in rows:
+                cp.write_row(row)
 
     def search_ids(self, query: Query) -> list[tuple[str, str]]:
         """(type, id) of current resources matching ``query`` inside this transaction."""
@@ -728,18 +742,18 @@ class _Compiler:
         if isinstance(c, CompartmentCond):
             x = s.idx_reference
             pids = [param_id(t, p) for t, p in c.links if rt is None or t == rt]
-            member = self._probe(
-                x,
-                r,
-                drive,
+            refs = select(x.c.rid).where(
                 x.c.target_id.in_(list(c.owner_ids)),
                 x.c.pid.in_(pids),
                 x.c.target_type == c.owner_type,
             )
-            own = and_(r.c.rtype == c.owner_type, r.c.id.in_(list(c.owner_ids)))
             if rt is not None and rt != c.owner_type:
-                return member if pids else false()
-            return or_(own, member) if pids else own
+                return r.c.rid.in_(refs) if pids else false()
+            o = R.alias("owner")
+            owners = select(o.c.rid).where(o.c.rtype == c.owner_type, o.c.id.in_(list(c.owner_ids)))
+            # one IN over a UNION (not "owner OR member"), so both engines drive the query
+            # from the two index lookups instead of scanning every resource
+            return r.c.rid.in_(union_all(refs, owners) if pids else owners)
         pid = self.pid(c.param, rt)
         if isinstance(c, TokenCond):
             t = s.idx_token
