@@ -58,7 +58,35 @@ def _if_match(request: Request) -> int | None:
     return int(value)
 
 
-def _query(request: Request) -> list[tuple[str, str]]:
+async def read_json_body(
+    request: Request, limit: int, allowed: tuple[str, ...] = JSON_TYPES, what: str = "a resource"
+) -> Any:
+    """Check the media type, stream the body in within ``limit`` bytes and parse the JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in allowed:
+        raise UnsupportedMediaType(
+            f"Content-Type {ctype or '(none)'!r} is not supported; use {allowed[0]}"
+        )
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise InvalidRequest(f"the request body is empty (expected {what})")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def query_items(request: Request) -> list[tuple[str, str]]:
     """The URL's query items in order; a NUL character anywhere is refused."""
     return _no_nul(list(request.query_params.multi_items()))
 
@@ -97,34 +125,12 @@ class FhirApi:
 
     async def body(self, request: Request, resource_type: str | None, patch: bool = False) -> Any:
         """Read and parse a JSON body within the configured limit."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        allowed = PATCH_TYPES if patch else JSON_TYPES
-        if ctype not in allowed:
-            raise UnsupportedMediaType(
-                f"Content-Type {ctype or '(none)'!r} is not supported; use {allowed[0]}"
-            )
         limit = (
             self.settings.max_document_bytes
             if resource_type in LARGE_BODY_TYPES or resource_type is None
             else self.settings.max_body_bytes
         )
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            raise InvalidRequest("the request body is empty")
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        return await read_json_body(request, limit, PATCH_TYPES if patch else JSON_TYPES)
 
     @staticmethod
     async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -173,7 +179,7 @@ class FhirApi:
 
         @r.get("")
         async def system_search(request: Request) -> Response:
-            items = _query(request)
+            items = query_items(request)
             body = await self.run(
                 svc.search, None, items, self.base(request), lenient=self._lenient(request)
             )
@@ -181,13 +187,13 @@ class FhirApi:
 
         @r.get("/_history")
         async def system_history(request: Request) -> Response:
-            items = _query(request)
+            items = query_items(request)
             return fhir_response(await self.run(svc.history, None, None, items, self.base(request)))
 
         @r.get("/Patient/{id}/$everything")
         @r.post("/Patient/{id}/$everything")
         async def everything(request: Request, id: str) -> Response:
-            items = _query(request)
+            items = query_items(request)
             return fhir_response(await self.run(svc.everything, id, items, self.base(request)))
 
         @r.post("/{rtype}/$validate")
@@ -203,7 +209,7 @@ class FhirApi:
 
         @r.get("/{rtype}/_history")
         async def type_history(request: Request, rtype: str) -> Response:
-            items = _query(request)
+            items = query_items(request)
             return fhir_response(
                 await self.run(svc.history, rtype, None, items, self.base(request))
             )
@@ -216,7 +222,7 @@ class FhirApi:
 
         @r.get("/{rtype}")
         async def search_type(request: Request, rtype: str) -> Response:
-            return await do_search(request, rtype, _query(request))
+            return await do_search(request, rtype, query_items(request))
 
         @r.post("/{rtype}/_search")
         async def search_post(request: Request, rtype: str) -> Response:
@@ -224,12 +230,12 @@ class FhirApi:
             if ctype != "application/x-www-form-urlencoded":
                 raise UnsupportedMediaType("POST _search takes application/x-www-form-urlencoded")
             form = await request.form()
-            items = _query(request) + [(k, str(v)) for k, v in form.multi_items()]
+            items = query_items(request) + [(k, str(v)) for k, v in form.multi_items()]
             return await do_search(request, rtype, _no_nul(items))
 
         @r.get("/{rtype}/_search")
         async def search_get(request: Request, rtype: str) -> Response:
-            return await do_search(request, rtype, _query(request))
+            return await do_search(request, rtype, query_items(request))
 
         @r.post("/{rtype}")
         async def create(request: Request, rtype: str) -> Response:
@@ -239,7 +245,7 @@ class FhirApi:
 
         @r.put("/{rtype}")
         async def conditional_update(request: Request, rtype: str) -> Response:
-            items = _query(request)
+            items = query_items(request)
             if not items:
                 raise InvalidRequest("PUT on a type needs search criteria (conditional update)")
             res = await self.body(request, rtype)
@@ -248,7 +254,7 @@ class FhirApi:
 
         @r.delete("/{rtype}")
         async def conditional_delete(request: Request, rtype: str) -> Response:
-            items = _query(request)
+            items = query_items(request)
             if not items:
                 raise InvalidRequest("DELETE on a type needs search criteria")
             n = await self.run(svc.conditional_delete, rtype, items)
@@ -306,7 +312,7 @@ class FhirApi:
 
         @r.get("/{rtype}/{id}/_history")
         async def instance_history(request: Request, rtype: str, id: str) -> Response:
-            items = _query(request)
+            items = query_items(request)
             return fhir_response(await self.run(svc.history, rtype, id, items, self.base(request)))
 
         @r.get("/{rtype}/{id}/_history/{vid}")

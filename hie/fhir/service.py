@@ -8,7 +8,9 @@ The HTTP layer (:mod:`hie.fhir.api`) and the protocol adapters call these; every
 
 from __future__ import annotations
 
+import os
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,8 +74,15 @@ class WriteResult:
 
 
 def new_id() -> str:
-    """A server-assigned logical id."""
-    return str(uuid.uuid4())
+    """A server-assigned logical id: a UUID version 7 (RFC 9562) — 48 bits of milliseconds,
+    then 74 random bits. Ids made close in time sort together, so the unique index on ids
+    grows at its right edge instead of dirtying a random page per insert (at a million
+    resources that is most of the write-ahead log a commit has to sync)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & (2**62 - 1)
+    return str(uuid.UUID(int=value))
 
 
 def content_json(stored: StoredResource) -> Json:

@@ -12,13 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from hie.fhir.api import JSON_TYPES, fhir_response
+from hie.fhir.api import fhir_response, query_items, read_json_body
 from hie.fhir.service import FhirService
-from hie.hub.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from hie.hub.settings import Settings
 from hie.registries.terminology import (
     OPERATIONS,
@@ -32,36 +30,6 @@ Json = dict[str, Any]
 __all__ = ["terminology_operations", "terminology_router"]
 
 
-async def _parameters(request: Request, limit: int) -> Any:
-    """The POSTed ``Parameters`` body, read within ``limit`` bytes."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in JSON_TYPES:
-        raise UnsupportedMediaType(
-            f"Content-Type {ctype or '(none)'!r} is not supported; use {JSON_TYPES[0]}"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise InvalidRequest("the request body is empty (expected a Parameters resource)")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
-
-
-def _query(request: Request) -> list[tuple[str, str]]:
-    items = list(request.query_params.multi_items())
-    if any("\x00" in k or "\x00" in v for k, v in items):
-        raise InvalidRequest("the query contains a NUL character")
-    return items
-
-
 def terminology_router(
     service: FhirService, settings: Settings, terminology: Terminology | None = None
 ) -> APIRouter:
@@ -72,9 +40,11 @@ def terminology_router(
 
     def endpoint(method: Callable[..., Json], instance: bool) -> Callable[..., Any]:
         async def handle(request: Request) -> Response:
-            query = _query(request)
+            query = query_items(request)
             if request.method == "POST":
-                params = OpParams.from_parameters(await _parameters(request, limit), query)
+                params = OpParams.from_parameters(
+                    await read_json_body(request, limit, what="a Parameters resource"), query
+                )
             else:
                 params = OpParams.from_query(query)
             rid = request.path_params.get("id") if instance else None

@@ -138,6 +138,9 @@ class SqlResourceStore:
             cur.execute("PRAGMA cache_size=-262144")
             cur.execute("PRAGMA mmap_size=1073741824")
             cur.execute("PRAGMA temp_store=MEMORY")
+            # checkpoint every ~40 MB of WAL instead of 4 MB: far fewer random writes and
+            # fsyncs into the main file under sustained ingest (durability is unchanged)
+            cur.execute("PRAGMA wal_autocheckpoint=10000")
             cur.close()
 
         @event.listens_for(engine, "begin")
