@@ -72,6 +72,7 @@ def hub_server(data_dir: Path, database_url: str) -> Iterator[str]:
         "HIE_DICOM_PORT": "0",
         "HIE_LOG_LEVEL": "WARNING",
         "HIE_MAX_PAGE_SIZE": "1000",
+        "HIE_HTTP_WORKERS": os.environ.get("HIE_HTTP_WORKERS", "2"),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "hie.cli", "serve"],

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./var")
     http_host: str = "127.0.0.1"
     http_port: int = 8000
-    http_workers: int = Field(default=0, description="HTTP worker processes; 0 = one per CPU (≤ 4)")
+    http_workers: int = Field(
+        default=1, description="HTTP worker processes; 1 = all in one process, 0 = one per CPU"
+    )
     mllp_port: int = 2575
     dicom_port: int = 11112
     dicom_ae_title: str = "HUB"

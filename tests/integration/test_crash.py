@@ -68,6 +68,9 @@ class Server:
         }
         if self.database_url:
             env["HIE_DATABASE_URL"] = self.database_url
+        # alternate restarts between the one-process hub and two HTTP worker processes (which
+        # hand SQLite's write lock over through a file lock), so a kill hits both layouts
+        env["HIE_HTTP_WORKERS"] = "2" if self.starts % 2 == 0 else "1"
         self.starts += 1
         with self.log.open("ab") as log:
             log.write(f"\n=== start {self.starts} on port {port} ===\n".encode())
