@@ -58,7 +58,14 @@ def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
     if not isinstance(node, dict):
         return
     seg = path[0]
-    if seg.endswith("[x]"):
+    if seg.endswith(")") and "(" in seg:  # telecom(system=phone): FHIRPath where(system='phone')
+        name, _, cond = seg[:-1].partition("(")
+        key, _, want = cond.partition("=")
+        items = node.get(name)
+        for item in items if isinstance(items, list) else [items]:
+            if isinstance(item, dict) and item.get(key) == want:
+                yield from _walk(item, path[1:])
+    elif seg.endswith("[x]"):
         stem = seg[:-3]
         for key, value in node.items():
             if key.startswith(stem) and key[len(stem) : len(stem) + 1].isupper():

@@ -2,7 +2,8 @@
 
 Each line reads ``name type path[,path…] [>Target,Target]``: paths are dotted element paths
 from the resource root; a segment ending in ``[x]`` is a choice element (``effective[x]``
-matches ``effectiveDateTime`` and ``effectivePeriod``); ``>Patient`` limits a reference
+matches ``effectiveDateTime`` and ``effectivePeriod``); ``telecom(system=phone)`` keeps only
+the items whose ``system`` is ``phone`` (FHIRPath ``where``); ``>Patient`` limits a reference
 parameter to targets of those types (FHIRPath ``where(resolve() is Patient)``).
 """
 
@@ -76,8 +77,8 @@ address string address
 address-city string address.city
 address-postalcode string address.postalCode
 address-district string address.district
-phone token telecom.value
-email token telecom.value
+phone token telecom(system=phone).value
+email token telecom(system=email).value
 telecom token telecom.value
 deceased token deceased[x]
 death-date date deceasedDateTime

@@ -441,3 +441,19 @@ def test_rows_are_unique_and_typed() -> None:
 def test_unsupported_type_gives_no_rows() -> None:
     assert rows({"resourceType": "Basic", "code": {"coding": [{"code": "x"}]}}) == []
     assert rows({"resourceType": "Binary", "contentType": "text/plain"}) == []
+
+
+def test_phone_and_email_keep_their_contact_point_system() -> None:
+    from hie.fhir.extract import extract
+
+    rows = extract(
+        {
+            "resourceType": "Patient",
+            "telecom": [
+                {"system": "phone", "value": "+79110000000"},
+                {"system": "email", "value": "anna@example.ru"},
+            ],
+        }
+    ).rows
+    got = {(r.param, getattr(r, "code", None)) for r in rows if r.param in ("phone", "email")}
+    assert got == {("phone", "+79110000000"), ("email", "anna@example.ru")}
