@@ -58,6 +58,7 @@ from hie.hub.store.port import (
     WriteTx,
 )
 from hie.hub.store.sql import now_us
+from hie.registries.mpi.features import validate_demographics
 
 Json = dict[str, Any]
 _ID_RX = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 §2.24.0.1 "id"
@@ -103,6 +104,18 @@ def check_type(resource_type: str) -> None:
         if model.is_resource_type(resource_type):
             raise NotSupported(f"resource type {resource_type} is not supported by this server")
         raise NotFound(f"unknown resource type {resource_type!r}")
+
+
+def check_demographics(patient: Json) -> None:
+    """Refuse a Patient whose identity data is unusable: an invalid SNILS checksum or a
+    malformed national identifier, an impossible birth date, no name at all, an identifier
+    without a system (the master patient index could only mis-match it)."""
+    problems = [p for p in validate_demographics(patient) if p.severity == "error"]
+    if problems:
+        raise InvalidResource(
+            "; ".join(f"{p.expression}: {p.message} ({p.code})" for p in problems),
+            expression=[p.expression for p in problems],
+        )
 
 
 def _walk_refs(node: Any, fn: Callable[[str], str]) -> None:
@@ -157,6 +170,8 @@ class FhirService:
         res["meta"] = meta
         if not validated:
             model.validate(res)
+        if resource_type == "Patient":
+            check_demographics(res)
         return NewVersion(resource_type, id, orjson.dumps(res), extract(res), method)  # type: ignore[arg-type]
 
     @staticmethod

@@ -155,7 +155,7 @@ def test_conditional_create_update_delete(client) -> None:  # type: ignore[no-un
     )
     assert r.status_code == 201
     create(client, patient(family="Петров", snils="123-456-789 64"))
-    create(client, patient(family="Петров", snils="223-456-789 65"))
+    create(client, patient(family="Петров", snils="223-456-789 73"))
     assert_outcome(client.put("/fhir/Patient?family=Петров", json=patient(), headers=FJ), 412)
     ine = "family=" + quote("Петров")  # header values are ASCII: criteria are percent-encoded
     assert_outcome(
@@ -527,3 +527,39 @@ def test_system_search_history_health_metrics(client) -> None:  # type: ignore[n
     r = client.get("/healthz", headers={"X-Request-ID": "abc123"})
     assert r.json()["status"] == "ok" and r.headers["x-request-id"] == "abc123"
     assert "hie_http_requests_total" in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        (
+            {"identifier": [{"system": "urn:oid:1.2.643.100.3", "value": "112-233-445 96"}]},
+            "invalid-snils-checksum",
+        ),
+        (
+            {"identifier": [{"system": "urn:oid:1.2.643.100.3", "value": "12-34"}]},
+            "malformed-snils",
+        ),
+        ({"birthDate": "2090-01-01"}, "impossible-birth-date"),
+        ({"birthDate": "1850-06-01"}, "impossible-birth-date"),
+        ({"name": [{"use": "official"}]}, "empty-name"),
+        ({"identifier": [{"value": "12345"}]}, "identifier-without-system"),
+    ],
+)
+def test_unusable_demographics_are_refused_with_a_specific_error(
+    client, change: dict[str, Any], code: str
+) -> None:  # type: ignore[no-untyped-def]
+    body = {**patient(), **change}
+    res = assert_outcome(client.post("/fhir/Patient", json=body, headers=FJ), 400)
+    assert code in res["issue"][0]["diagnostics"] and res["issue"][0]["expression"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": obs("x"), "request": {"method": "POST", "url": "Observation"}},
+            {"resource": body, "request": {"method": "PUT", "url": "Patient/bad-1"}},
+        ],
+    }
+    assert_outcome(client.post("/fhir", json=bundle, headers=FJ), 400)
+    assert client.get("/fhir/Observation?_summary=count").json()["total"] == 0
+    assert client.get("/fhir/Patient?_summary=count").json()["total"] == 0

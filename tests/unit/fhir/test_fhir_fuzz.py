@@ -25,6 +25,7 @@ from hie.fhir.search import RESULT_PARAMS
 from hie.fhir.searchparams import params_for, supported_types
 from hie.hub.runtime import open_hub
 from hie.hub.settings import load_settings
+from hie.registries.identifiers import format_snils, snils_check
 
 FHIR_JSON = "application/fhir+json"
 FUZZ = settings(
@@ -33,6 +34,12 @@ FUZZ = settings(
     database=None,  # leave no .hypothesis/ in the work tree
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+
+
+def valid_snils(i: int) -> str:
+    """A SNILS with a correct check number (the hub refuses wrong ones)."""
+    number = f"{100_000_000 + i:09d}"
+    return format_snils(number + snils_check(number))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +79,7 @@ def _seed(client: TestClient) -> None:
                 "fullUrl": pid,
                 "resource": {
                     "resourceType": "Patient",
-                    "identifier": [{"system": "urn:oid:1.2.643.100.3", "value": f"snils-{i}"}],
+                    "identifier": [{"system": "urn:oid:1.2.643.100.3", "value": valid_snils(i)}],
                     "name": [{"family": ["Ёлкин", "Иванова", "Müller"][i % 3], "given": ["Пётр"]}],
                     "gender": ["male", "female"][i % 2],
                     "birthDate": f"19{50 + i}-0{1 + i % 9}-1{i}",
