@@ -168,7 +168,10 @@ def demo(
         hub.close()
         return
     svc = FhirService(hub.store, settings)
+    from hie.registries.patient_index import attach_mpi
     from hie.registries.terminology import load_builtin
+
+    attach_mpi(svc)  # demo patients get golden records like any MO's
 
     load_builtin(svc)  # the reference data the demo's codes come from
     with Progress() as progress:

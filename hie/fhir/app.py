@@ -21,12 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hie import __version__
 from hie.fhir.api import FhirApi, fhir_response
 from hie.fhir.indexing import SearchIndexer
+from hie.fhir.mpi_api import mpi_router
 from hie.fhir.service import FhirService, error_outcome, outcome
 from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import Settings
+from hie.registries.patient_index import attach_mpi
 
 log = hlog.get_logger("hie.http")
 
@@ -99,6 +101,7 @@ def create_app(
     if not hub.consumers and settings.search_url:
         hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
     service = FhirService(hub.store, settings, search_index=lambda: hub.search_index)
+    mpi = attach_mpi(service)
     run_worker = settings.worker if start_worker is None else start_worker
 
     @asynccontextmanager
@@ -167,6 +170,8 @@ def create_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
+    if mpi is not None:
+        app.include_router(mpi_router(mpi, settings))
     app.include_router(FhirApi(service, settings).router)
     app.add_middleware(RequestContext)
     return app

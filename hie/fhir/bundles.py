@@ -187,6 +187,11 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
                 if ref not in cache:
                     rtype, crit = ref.split("?", 1)
                     found = svc._match(tx, rtype, crit)
+                    if rtype == "Patient" and len(found) > 1:
+                        # several MOs' records of one person: the reference is to the person
+                        groups = {tx.identity.group_of("Patient", f[1]) for f in found}
+                        if len(groups) == 1 and None not in groups:
+                            found = [("Patient", str(groups.pop()))]
                     if len(found) != 1:
                         raise PreconditionFailed(
                             f"conditional reference {ref!r} matched {len(found)} resources"
@@ -244,6 +249,7 @@ def run_transaction(svc: FhirService, bundle: Any, base: str) -> Json:
         if creates:
             for op, stored in zip(create_ops, tx.write_many(creates, when), strict=True):
                 op.result = _response("201 Created", stored)
+                svc.written(tx, op.resource, stored, when)
         for op in ops:
             if op.method == "PUT":
                 assert op.id is not None

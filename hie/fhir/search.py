@@ -150,10 +150,14 @@ def _reference_cond(p: SearchParam, v: str, type_mod: str | None) -> Condition:
         tid = split_reference(v)
         if tid is None:
             return ReferenceCond(p.name, "", v)
-        return ReferenceCond(p.name, tid[0], tid[1])
-    if type_mod is None and len(p.targets) == 1:
+        type_mod, v = tid
+    elif type_mod is None and len(p.targets) == 1:
         type_mod = p.targets[0]
-    return ReferenceCond(p.name, type_mod, v)
+    # A reference to a patient finds the records of every member of the person's identity
+    # group (each MO's record, the golden record, merged records) — the integrated record.
+    # Patient.link itself is the one reference that names records, not people.
+    expand = type_mod == "Patient" and not (p.resource_type == "Patient" and p.name == "link")
+    return ReferenceCond(p.name, type_mod, v, expand=expand)
 
 
 def value_cond(p: SearchParam, modifier: str | None, escaped: str) -> Condition:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import jsonpatch
@@ -54,6 +54,7 @@ from hie.hub.store.port import (
     ReferenceCond,
     ResourceStore,
     StoredResource,
+    TokenCond,
     TypeCond,
     WriteTx,
 )
@@ -118,6 +119,37 @@ def check_demographics(patient: Json) -> None:
         )
 
 
+MPI_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/mpi"
+GOLDEN_TAG = {"system": MPI_SYSTEM, "code": "golden", "display": "Золотая запись / golden record"}
+
+
+def is_golden(res: Json | None) -> bool:
+    """True if ``res`` is a golden Patient (the master patient index's record of a person)."""
+    if not res:
+        return False
+    tags = (res.get("meta") or {}).get("tag") or []
+    return any(
+        isinstance(t, dict) and t.get("system") == MPI_SYSTEM and t.get("code") == "golden"
+        for t in tags
+    )
+
+
+def _stored_is_golden(stored: StoredResource | None) -> bool:
+    if stored is None or stored.content is None or stored.resource_type != "Patient":
+        return False
+    return b'"golden"' in stored.content and is_golden(content_json(stored))
+
+
+class PatientWrites(Protocol):
+    """What the master patient index does when a source Patient is written (inside the
+    write transaction, so the match, the golden record and the patient commit together)."""
+
+    def on_patient_written(
+        self, tx: WriteTx, res: Json | None, stored: StoredResource, when: int
+    ) -> None:
+        """Match, link and refresh the golden record (``res`` None: the patient was deleted)."""
+
+
 def _walk_refs(node: Any, fn: Callable[[str], str]) -> None:
     """Apply ``fn`` to every ``reference`` string in a resource, in place."""
     if isinstance(node, dict):
@@ -143,6 +175,7 @@ class FhirService:
         self.store = store
         self.settings = settings
         self.search_index = search_index
+        self.mpi: PatientWrites | None = None  # set by the app (hie.registries.patient_index)
 
     # --- preparing versions ----------------------------------------------------------------
 
@@ -156,9 +189,11 @@ class FhirService:
         method: str,
         *,
         validated: bool = False,
+        internal: bool = False,
     ) -> NewVersion:
         """Stamp id and meta, validate (unless the caller already did, outside the write
-        lock), extract index rows, serialise."""
+        lock), extract index rows, serialise. ``internal`` marks the hub's own records
+        (golden Patients), which skip the checks meant for what senders send."""
         if not _ID_RX.match(id):
             raise InvalidResource(f"{id!r} is not a valid id", expression=[f"{resource_type}.id"])
         res["id"] = id
@@ -170,7 +205,13 @@ class FhirService:
         res["meta"] = meta
         if not validated:
             model.validate(res)
-        if resource_type == "Patient":
+        if resource_type == "Patient" and not internal:
+            if is_golden(res):
+                raise Unprocessable(
+                    "golden Patient records are kept by the master patient index; send the "
+                    "MO's own record, or use Patient/$merge (golden-record)",
+                    expression=["Patient.meta.tag"],
+                )
             check_demographics(res)
         return NewVersion(resource_type, id, orjson.dumps(res), extract(res), method)  # type: ignore[arg-type]
 
@@ -210,7 +251,31 @@ class FhirService:
                     assert cur is not None
                     return WriteResult(cur, False, 200)
             stored = tx.write(new, 1, when)
+            self.written(tx, res, stored, when)
         return WriteResult(stored, True, 201)
+
+    def written(self, tx: WriteTx, res: Json | None, stored: StoredResource, when: int) -> None:
+        """After a client's write, inside its transaction: a source Patient goes through the
+        master patient index (``res`` is None for a deletion)."""
+        if stored.resource_type == "Patient" and self.mpi is not None:
+            self.mpi.on_patient_written(tx, res, stored, when)
+
+    def write_internal(
+        self, tx: WriteTx, res: Json, resource_type: str, id: str, when: int
+    ) -> StoredResource:
+        """Write a resource the hub itself keeps (a golden Patient, a review Task, an
+        AuditEvent) inside ``tx``: no sender checks, no master-patient-index hook. The content
+        is built by the hub from validated parts, so it is not validated again."""
+        cur = tx.current(resource_type, id)
+        version = cur.version + 1 if cur else 1
+        new = self.prepare(
+            res, resource_type, id, version, when, "PUT", validated=True, internal=True
+        )
+        return tx.write(new, version, when)
+
+    def delete_internal(self, tx: WriteTx, resource_type: str, id: str, when: int) -> None:
+        """Delete a resource the hub keeps (a golden record left without sources)."""
+        self._delete_in(tx, resource_type, id, when, internal=True)
 
     def _match(
         self, tx: WriteTx, resource_type: str, criteria: str | list[tuple[str, str]]
@@ -222,6 +287,10 @@ class FhirService:
         if not criteria:
             raise InvalidRequest("conditional criteria are empty")
         req = parse_search(resource_type, criteria, default_count=3, max_count=3)
+        if resource_type == "Patient":
+            # a sender's conditional create/update/delete is about its own record, never the
+            # golden record that carries the same identifier
+            req.query.conds.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
         return tx.search_ids(req.query)
 
     def read(self, resource_type: str, id: str) -> StoredResource:
@@ -279,9 +348,11 @@ class FhirService:
             raise VersionConflict(
                 f"If-Match expected version {if_match} of {resource_type}/{id}, current is {have}"
             )
+        _refuse_golden(cur)
         version = cur.version + 1 if cur else 1
         new = self.prepare(res, resource_type, id, version, when, method, validated=validated)
         stored = tx.write(new, version, when)
+        self.written(tx, res, stored, when)
         created = cur is None or cur.deleted
         return WriteResult(stored, created, 201 if created else 200)
 
@@ -336,16 +407,21 @@ class FhirService:
             return self._delete_in(tx, resource_type, id, now_us())
 
     def _delete_in(
-        self, tx: WriteTx, resource_type: str, id: str, when: int
+        self, tx: WriteTx, resource_type: str, id: str, when: int, *, internal: bool = False
     ) -> StoredResource | None:
         cur = tx.current(resource_type, id)
         if cur is None or cur.deleted:
             return cur
+        if not internal:
+            _refuse_golden(cur)
         tomb = NewVersion(
             resource_type, id, None, extract({"resourceType": resource_type}), "DELETE"
         )
         tomb.index.rows.clear()
-        return tx.write(tomb, cur.version + 1, when)
+        stored = tx.write(tomb, cur.version + 1, when)
+        if not internal:
+            self.written(tx, None, stored, when)
+        return stored
 
     def conditional_delete(self, resource_type: str, criteria: list[tuple[str, str]]) -> int:
         """DELETE ``Type?criteria`` for a single match (412 for several); returns the count."""
@@ -382,6 +458,10 @@ class FhirService:
         )
         if extra_conds:
             req.query.conds.extend(extra_conds)
+        if resource_type == "Patient" and not any(k.startswith(("_tag", "_id")) for k, _ in items):
+            # MOs' records by default; golden records when asked for (PDQm over golden records:
+            # _tag=https://hie.spb.ru/fhir/CodeSystem/mpi|golden) or by id
+            req.query.conds.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
         if req.content is not None:
             req.query.conds.append(self._content_cond(resource_type, req.content, req.query.conds))
         page_path = path or (f"/{resource_type}" if resource_type else "")
@@ -560,7 +640,7 @@ class FhirService:
     def everything(self, id: str, items: list[tuple[str, str]], base: str) -> bytes:
         """``Patient/{id}/$everything``: the compartment plus what it references."""
         self.read("Patient", id)
-        conds: list[Any] = [CompartmentCond("Patient", (id,), PATIENT_COMPARTMENT)]
+        conds: list[Any] = [CompartmentCond("Patient", (id,), PATIENT_COMPARTMENT, expand=True)]
         q = Query(None, conds, count=self.settings.page_size)
         for key, value in items:
             if key == "_since":
@@ -622,6 +702,15 @@ class FhirService:
         from hie.fhir.bundles import run_batch
 
         return run_batch(self, bundle, base)
+
+
+def _refuse_golden(cur: StoredResource | None) -> None:
+    if _stored_is_golden(cur):
+        assert cur is not None
+        raise Unprocessable(
+            f"Patient/{cur.id} is a golden record kept by the master patient index; change "
+            "the MO's source records, or use Patient/$merge and $unmerge (golden-record)"
+        )
 
 
 def outcome(severity: str, code: str, text: str, expression: list[str] | None = None) -> Json:

@@ -48,9 +48,14 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = 0.2
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    mpi_enabled: bool = Field(default=True, description="match every source Patient")
+    mpi_auto_link_bits: float = Field(default=28.0, description="score that links on its own")
+    mpi_review_bits: float = Field(default=16.0, description="score that asks an operator")
 
     @model_validator(mode="after")
     def _defaults_and_production_checks(self) -> Settings:
+        if self.mpi_review_bits > self.mpi_auto_link_bits:
+            raise ValueError("HIE_MPI_REVIEW_BITS must not exceed HIE_MPI_AUTO_LINK_BITS")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'hie.db'}"
         if not self.blob_url:

@@ -50,14 +50,20 @@ def test_migrate_and_demo_load_a_city(env: Path) -> None:
     assert res.exit_code == 0, res.output
     from hie.hub.settings import load_settings
     from hie.hub.store import open_resource_store
-    from hie.hub.store.port import Query
+    from hie.hub.store.port import Query, TokenCond
 
     store = open_resource_store(load_settings().database_url)
-    patients = store.search(Query("Patient", count=100, total=True))
+    golden = TokenCond("_tag", "https://hie.spb.ru/fhir/CodeSystem/mpi", "golden")
+
+    def count(golden_records: bool) -> int | None:
+        cond = TokenCond(golden.param, golden.system, golden.code, negate=not golden_records)
+        return store.search(Query("Patient", [cond], count=100, total=True)).total
+
     orgs = store.search(Query("Organization", count=100, total=True))
-    assert patients.total == 3 and (orgs.total or 0) >= 20
+    # three people: each MO record has its golden record in the master patient index
+    assert count(False) == 3 and count(True) == 3 and (orgs.total or 0) >= 20
     # --if-empty leaves an existing hub alone; the same seed is idempotent
     assert "skipping" in runner.invoke(app, ["demo", "--if-empty"]).output
     assert runner.invoke(app, ["demo", "--patients", "3", "--per-patient", "10"]).exit_code == 0
-    assert store.search(Query("Patient", count=100, total=True)).total == 3
+    assert count(False) == 3 and count(True) == 3
     store.close()

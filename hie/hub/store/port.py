@@ -136,11 +136,14 @@ class NumberCond:
 
 @dataclass(frozen=True, slots=True)
 class ReferenceCond:
-    """Reference to ``target_type/target_id`` (``target_type=None``: any type)."""
+    """Reference to ``target_type/target_id`` (``target_type=None``: any type). With
+    ``expand``, a reference to any member of the target's identity group matches too (see
+    :class:`IdentityIndex`): one person's records from every MO, and merged records."""
 
     param: str
     target_type: str | None
     target_id: str
+    expand: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,7 @@ class CompartmentCond:
     owner_type: str
     owner_ids: tuple[str, ...]
     links: tuple[tuple[str, str], ...]
+    expand: bool = False  # the owners' identity groups (see ReferenceCond)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +305,86 @@ class NewVersion:
     if_version: int | None = None  # optimistic lock: the version the writer saw
 
 
+@dataclass(frozen=True, slots=True)
+class LinkedRecord:
+    """One member of an identity group as the record-linkage index holds it.
+
+    ``features`` is the matcher's JSON for a record that takes part in matching (a source
+    record); None for the group's own record (the golden one) and for retired members.
+    """
+
+    id: str
+    group_id: str
+    features: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityLogEntry:
+    """One entry of the identity journal: a match decision, a merge, an unmerge…"""
+
+    seq: int
+    id: str
+    group_id: str
+    kind: str
+    body: bytes  # JSON, written and read by the master patient index
+    created: int
+
+
+class IdentityIndex(Protocol):
+    """Identity groups of a resource type, their record-linkage keys and journal.
+
+    A group is the set of records that describe one real-world entity: for the master patient
+    index, one person's source records from every MO, any records merged into them, and the
+    golden record whose id is the group id. Reference searches with ``expand`` see through
+    groups, so re-grouping (a link, a merge, an unmerge) rewrites no resource. The blocking
+    keys find candidate members for an incoming record; the journal keeps every decision.
+    """
+
+    def group_of(self, rtype: str, id: str) -> str | None:
+        """The group ``id`` belongs to, or None if it is in none."""
+
+    def members(self, rtype: str, group_id: str) -> list[LinkedRecord]:
+        """Every member of the group (the group's own record included), ordered by id."""
+
+    def records(self, rtype: str, ids: Sequence[str]) -> list[LinkedRecord]:
+        """The members with these ids (unknown ids skipped)."""
+
+    def put(
+        self,
+        rtype: str,
+        id: str,
+        group_id: str,
+        features: bytes | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
+        """Add ``id`` to ``group_id`` or move it there, storing ``features``; ``keys``
+        replaces its blocking keys (None keeps them as they are)."""
+
+    def move_group(self, rtype: str, from_group: str, to_group: str) -> list[str]:
+        """Move every member of ``from_group`` into ``to_group``; the ids moved."""
+
+    def remove(self, rtype: str, id: str) -> None:
+        """Take ``id`` out of its group and drop its keys."""
+
+    def candidates(self, rtype: str, keys: Sequence[str], limit: int) -> list[LinkedRecord]:
+        """Members with features sharing a blocking key with ``keys``, most shared keys
+        first (ties by id), at most ``limit``."""
+
+    def log(self, rtype: str, id: str, group_id: str, kind: str, body: bytes, when: int) -> int:
+        """Append to the journal; returns the entry's sequence number."""
+
+    def journal(
+        self,
+        rtype: str,
+        *,
+        id: str | None = None,
+        group_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[IdentityLogEntry]:
+        """Journal entries about ``id`` and/or ``group_id`` (and of ``kind``), newest first."""
+
+
 class WriteTx(Protocol):
     """One atomic unit of work: every write inside commits together with its outbox rows."""
 
@@ -319,6 +403,10 @@ class WriteTx(Protocol):
 
     def search_ids(self, query: Query) -> list[tuple[str, str]]:
         """(type, id) pairs matching ``query``, seen inside the transaction (conditional ops)."""
+
+    @property
+    def identity(self) -> IdentityIndex:
+        """The identity groups and record-linkage index, inside this transaction."""
 
 
 class ResourceStore(Protocol):
@@ -354,6 +442,9 @@ class ResourceStore(Protocol):
 
     def search(self, query: Query) -> Page:
         """Run a search, filtering and paging in the database."""
+
+    def identity_reader(self) -> AbstractContextManager[IdentityIndex]:
+        """The identity index for reading outside a write transaction (one snapshot)."""
 
     def references_from(
         self, rids: Sequence[int], params: Sequence[tuple[str, str]] | None

@@ -128,3 +128,39 @@ outbox_offsets = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
 )
+
+# --- identity groups (the master patient index's tables; see port.IdentityIndex) -----------
+
+identity_links = Table(
+    "identity_links",
+    metadata,
+    Column("rtype", String(64), primary_key=True),
+    Column("id", String(64), primary_key=True),
+    Column("group_id", String(64), nullable=False),
+    Column("features", LargeBinary, nullable=True),
+)
+Index("ix_identity_links_group", identity_links.c.rtype, identity_links.c.group_id)
+
+identity_keys = Table(
+    "identity_keys",
+    metadata,
+    Column("rtype", String(64), nullable=False),
+    Column("key", String(96), nullable=False),
+    Column("id", String(64), nullable=False),
+)
+Index("ix_identity_keys_key", identity_keys.c.rtype, identity_keys.c.key, identity_keys.c.id)
+Index("ix_identity_keys_id", identity_keys.c.rtype, identity_keys.c.id)
+
+identity_log = Table(
+    "identity_log",
+    metadata,
+    Column("seq", BigId, primary_key=True, autoincrement=True),
+    Column("rtype", String(64), nullable=False),
+    Column("id", String(64), nullable=False),
+    Column("group_id", String(64), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created", BigInteger, nullable=False),
+)
+Index("ix_identity_log_id", identity_log.c.rtype, identity_log.c.id, identity_log.c.seq)
+Index("ix_identity_log_group", identity_log.c.rtype, identity_log.c.group_id, identity_log.c.seq)

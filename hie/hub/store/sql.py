@@ -74,6 +74,7 @@ from hie.hub.store.port import (
     UriRow,
     param_id,
 )
+from hie.hub.store.sql_identity import SqlIdentityIndex, group_members_select
 
 R = s.resources
 H = s.resource_history
@@ -200,6 +201,12 @@ class SqlResourceStore:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)
                 lock.release()
+
+    @contextmanager
+    def identity_reader(self) -> Iterator[SqlIdentityIndex]:
+        """The identity index on a read-only snapshot."""
+        with self._read() as conn:
+            yield SqlIdentityIndex(conn)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -459,6 +466,7 @@ class SqlWriteTx:
         self.store = store
         self.conn = conn
         self._rids: dict[tuple[str, str], int] = {}
+        self.identity = SqlIdentityIndex(conn)
 
     def current(
         self, resource_type: str, id: str, *, for_update: bool = True
@@ -745,15 +753,18 @@ class _Compiler:
         if isinstance(c, CompartmentCond):
             x = s.idx_reference
             pids = [param_id(t, p) for t, p in c.links if rt is None or t == rt]
+            owner_ids: Any = list(c.owner_ids)
+            if c.expand:
+                owner_ids = group_members_select(c.owner_type, c.owner_ids)
             refs = select(x.c.rid).where(
-                x.c.target_id.in_(list(c.owner_ids)),
+                x.c.target_id.in_(owner_ids),
                 x.c.pid.in_(pids),
                 x.c.target_type == c.owner_type,
             )
             if rt is not None and rt != c.owner_type:
                 return r.c.rid.in_(refs) if pids else false()
             o = R.alias("owner")
-            owners = select(o.c.rid).where(o.c.rtype == c.owner_type, o.c.id.in_(list(c.owner_ids)))
+            owners = select(o.c.rid).where(o.c.rtype == c.owner_type, o.c.id.in_(owner_ids))
             # one IN over a UNION (not "owner OR member"), so both engines drive the query
             # from the two index lookups instead of scanning every resource
             return r.c.rid.in_(union_all(refs, owners) if pids else owners)
@@ -804,7 +815,12 @@ class _Compiler:
             return self._probe(t, r, drive, *f, _number_compare(c, t.c.value))
         if isinstance(c, ReferenceCond):
             t = s.idx_reference
-            f = [t.c.target_id == _clip(c.target_id), t.c.pid == pid]
+            target = _clip(c.target_id) or ""
+            if c.expand and c.target_type:
+                f = [t.c.target_id.in_(group_members_select(c.target_type, [target]))]
+            else:
+                f = [t.c.target_id == target]
+            f.append(t.c.pid == pid)
             if c.target_type is not None:
                 f.append(t.c.target_type == c.target_type)
             return self._probe(t, r, drive, *f)

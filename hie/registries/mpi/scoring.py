@@ -377,13 +377,19 @@ def best_match(
 ) -> MatchResult:
     """Score ``incoming`` against each ``(person_id, features)`` candidate and decide.
 
-    Candidates are ranked by decision (auto-link first), then rule, then score. If two or
-    more would auto-link, the result is ``review`` with ``ambiguous`` set.
+    Candidates are ranked by decision (auto-link first), then rule, then score. A person may
+    be listed several times (one entry per source record: a maiden name, another MO's
+    spelling); it is ranked by its best record. If two or more people would auto-link, the
+    result is ``review`` with ``ambiguous`` set.
     """
     order = {"auto-link": 0, "review": 1, "new": 2}
     scored = [(pid, score(incoming, cand)) for pid, cand in candidates]
     decided = [(pid, m, decide(m, thresholds)) for pid, m in scored]
     decided.sort(key=lambda t: (order[t[2]], _RULE_RANK[t[1].rule], -t[1].score))
+    per_person: dict[str, tuple[str, MatchScore, Decision]] = {}
+    for entry in decided:
+        per_person.setdefault(entry[0], entry)  # the first (best) entry of each person
+    decided = list(per_person.values())
     ranked = [(pid, m) for pid, m, _ in decided]
     if not decided:
         return MatchResult("new", None, None, ranked)

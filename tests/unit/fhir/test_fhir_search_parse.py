@@ -261,23 +261,29 @@ def test_uri_modes() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        # a single-target parameter knows the type of a bare id
-        ("patient", "p1", ReferenceCond("patient", "Patient", "p1")),
+        # a single-target parameter knows the type of a bare id; a patient reference sees
+        # through the person's identity group (expand)
+        ("patient", "p1", ReferenceCond("patient", "Patient", "p1", expand=True)),
         # a multi-target parameter with a bare id matches any type
         ("subject", "p1", ReferenceCond("subject", None, "p1")),
-        ("subject", "Patient/p1", ReferenceCond("subject", "Patient", "p1")),
+        ("subject", "Patient/p1", ReferenceCond("subject", "Patient", "p1", expand=True)),
+        ("subject:Patient", "p1", ReferenceCond("subject", "Patient", "p1", expand=True)),
         ("subject:Group", "g1", ReferenceCond("subject", "Group", "g1")),
-        ("subject", "Patient/p1/_history/3", ReferenceCond("subject", "Patient", "p1")),
+        ("subject", "Patient/p1/_history/3", ReferenceCond("subject", "Patient", "p1", True)),
         (
             "subject",
             "http://other.example/fhir/Patient/p1",
-            ReferenceCond("subject", "Patient", "p1"),
+            ReferenceCond("subject", "Patient", "p1", expand=True),
         ),
         ("subject", "urn:uuid:1/2", ReferenceCond("subject", "", "urn:uuid:1/2")),
     ],
 )
 def test_reference_forms(key: str, value: str, expected: Condition) -> None:
     assert one("Observation", key, value) == expected
+
+
+def test_patient_link_names_records_not_people() -> None:
+    assert one("Patient", "link", "Patient/p1") == ReferenceCond("link", "Patient", "p1")
 
 
 def test_reference_identifier_modifier() -> None:
