@@ -14,10 +14,9 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from hie.fhir.api import fhir_response, query_items, read_json_body
-from hie.fhir.service import MPI_SYSTEM, Json, content_json, new_id, outcome
+from hie.fhir.service import Json, content_json, new_id, outcome
 from hie.hub.errors import InvalidRequest, NotFound, PreconditionFailed
 from hie.hub.settings import Settings
-from hie.hub.store.port import TokenCond
 from hie.registries.identifiers import NATIONAL_SYSTEMS, normalise_system
 from hie.registries.patient_index import MasterPatientIndex, MergeOutcome
 from hie.registries.senders import SenderRegistry
@@ -146,7 +145,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
             system, value = ident.get("system"), ident.get("value")
             if not isinstance(system, str) or not isinstance(value, str):
                 raise InvalidRequest(f"{role}-patient-identifier needs a system and a value")
-            matches.update(_by_identifier(mpi, system, value))
+            matches.update(mpi.resolve_identifier(system, value))
         if not matches:
             raise NotFound(f"no Patient has the {role}-patient-identifier (unknown-patient)")
         if len(matches) > 1:
@@ -199,20 +198,6 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
         )
 
     return router
-
-
-def _by_identifier(mpi: MasterPatientIndex, system: str, value: str) -> list[str]:
-    from hie.fhir.search import parse_search
-
-    q = parse_search(
-        "Patient", [("identifier", f"{system}|{value}")], default_count=10, max_count=10
-    ).query
-    q.conds.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
-    ids = [r.id for r in mpi.store.search(q).items]
-    groups = {mpi.golden_of(i) for i in ids}
-    if len(ids) > 1 and len(groups) == 1 and None not in groups:
-        return [str(groups.pop())]  # one person's records in several MOs: the person
-    return ids
 
 
 def _entry(e: Json) -> Json:

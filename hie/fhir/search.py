@@ -145,6 +145,13 @@ def _number(param: str, v: str) -> NumberCond:
     return NumberCond(param, prefix, value, lo, hi, system, code)
 
 
+def escape_value(value: str) -> str:
+    """Escape a search value (FHIR R4 §3.1.1.1.8: backslash, comma, pipe, dollar)."""
+    for ch in ("\\", ",", "|", "$"):
+        value = value.replace(ch, "\\" + ch)
+    return value
+
+
 def _reference_cond(p: SearchParam, v: str, type_mod: str | None) -> Condition:
     if "/" in v:
         tid = split_reference(v)

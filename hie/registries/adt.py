@@ -275,6 +275,24 @@ def decode_message(raw: bytes) -> str:
     return _decode(raw)[0]
 
 
+def read_sender(raw: bytes) -> tuple[str, str]:
+    """MSH-3 and MSH-4 of a message, as :func:`parse_adt` reports them (namespace id; for
+    MSH-4 the universal id when the namespace is empty), read before the rest is mapped: the
+    sender decides which identifier systems the message's numbers belong to. Raises
+    :class:`Hl7Problem` (reject) like :func:`decode_message`."""
+    text = decode_message(raw)
+    sep, enc, msh = _msh_fields(text.split("\r", 1)[0])
+    del sep
+
+    def hd(n: int, comp: int) -> str:
+        value = msh[n - 1] if len(msh) >= n else ""
+        parts = value.split(enc[0])
+        return parts[comp - 1].strip() if len(parts) >= comp else ""
+
+    # msh[0] is "MSH", msh[1] MSH-2, so MSH-n is msh[n - 1]
+    return hd(3, 1), hd(4, 1) or hd(4, 2)
+
+
 # --- splitting and escapes -----------------------------------------------------------------
 
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")

@@ -34,7 +34,7 @@ import orjson
 
 from hie.fhir import model
 from hie.fhir.dates import format_instant
-from hie.fhir.search import parse_search
+from hie.fhir.search import escape_value, parse_search
 from hie.fhir.service import (
     GOLDEN_TAG,
     MPI_SYSTEM,
@@ -374,7 +374,7 @@ class MasterPatientIndex:
             value = normalise_identifier(system, value)
         except IdentifierError as exc:
             raise InvalidRequest(f"sourceIdentifier: {exc}") from None
-        found = self._sources_with_identifier(system, value)
+        found = self.sources_with_identifier(system, value)
         if not found:
             raise UnknownPatient(f"no patient has the identifier {system}|… (sourceIdentifier)")
         with self.store.identity_reader() as idx:
@@ -395,10 +395,22 @@ class MasterPatientIndex:
         golden_first = sorted(records, key=lambda r: (not is_golden(content_json(r)), r.id))
         return list(identifiers.values()), [f"Patient/{r.id}" for r in golden_first]
 
-    def _sources_with_identifier(self, system: str, value: str) -> list[str]:
-        q = parse_search(P, [("identifier", f"{system}|{value}")], default_count=10, max_count=10)
+    def sources_with_identifier(self, system: str, value: str) -> list[str]:
+        """Ids of the MOs' records (not golden ones) carrying identifier ``system|value``."""
+        token = f"{system}|{escape_value(value)}"
+        q = parse_search(P, [("identifier", token)], default_count=10, max_count=10)
         q.query.conds.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
         return [r.id for r in self.store.search(q.query).items]
+
+    def resolve_identifier(self, system: str, value: str) -> list[str]:
+        """The records an identifier names: one MO's record, or — when several MOs' records
+        of one person carry it (a SNILS) — that person's golden record."""
+        ids = self.sources_with_identifier(system, value)
+        if len(ids) > 1:
+            groups = {self.golden_of(i) for i in ids}
+            if len(groups) == 1 and None not in groups:
+                return [str(groups.pop())]
+        return ids
 
     # --- merge and unmerge -------------------------------------------------------------------
 
@@ -455,14 +467,14 @@ class MasterPatientIndex:
         src_res, tgt_res = content_json(src), content_json(tgt)
         g_src = self._ensure_group(tx, source, src_res, when)
         g_tgt = self._ensure_group(tx, target, tgt_res, when)
-        survivor_of_target = _replaced_by(tgt_res)
+        survivor_of_target = replaced_by(tgt_res)
         if survivor_of_target is not None:
             raise MergeRefused(
                 "merge-target-retired",
                 f"target Patient/{target} was itself merged into {survivor_of_target}; merge "
                 "into the surviving record",
             )
-        done_into = _replaced_by(src_res)
+        done_into = replaced_by(src_res)
         if done_into is not None:
             if done_into == f"Patient/{target}" or g_src == g_tgt:
                 return MergeOutcome(
@@ -685,7 +697,7 @@ def _result_json(r: MatchResult) -> Json:
     return out
 
 
-def _replaced_by(res: Json) -> str | None:
+def replaced_by(res: Json) -> str | None:
     """The record ``res`` was merged into (``link`` ``replaced-by``), if it was retired."""
     if res.get("active") is not False:
         return None

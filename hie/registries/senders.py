@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from hie.fhir.search import parse_search
+from hie.fhir.search import escape_value, parse_search
 from hie.hub.logging import get_logger
 from hie.hub.store.port import ResourceStore, StoredResource
 from hie.registries.facility import (
@@ -132,13 +132,6 @@ def _managing_org(res: dict[str, Any]) -> str | None:
     return None
 
 
-def _escape(value: str) -> str:
-    """Escape a search value (FHIR R4 §3.1.1.1.8: backslash, comma, pipe, dollar)."""
-    for ch in ("\\", ",", "|", "$"):
-        value = value.replace(ch, "\\" + ch)
-    return value
-
-
 def _hd_candidates(value: str | None) -> list[str]:
     """An HL7 HD (``namespace^universal id^type``) as the values it may be registered under:
     the whole string, the namespace id, the universal id (HL7 v2.5.1 §2.A.33)."""
@@ -207,7 +200,7 @@ class SenderRegistry:
             ("status", "active"),
         ]
         if identifier is not None:
-            items.append(("identifier", _escape(identifier)))
+            items.append(("identifier", escape_value(identifier)))
         return [_json(s) for s in self._search("Endpoint", items)]
 
     # --- MOs --------------------------------------------------------------------------------
@@ -251,7 +244,7 @@ class SenderRegistry:
         def compute() -> str | None:
             if not value:
                 return None
-            token = f"{system}|{_escape(value)}"
+            token = f"{system}|{escape_value(value)}"
             ids = [s.id for s in self._search("Organization", [("identifier", token)])]
             if len(ids) > 1:
                 log.warning("registry.identifier.ambiguous", system=system, organizations=ids)
