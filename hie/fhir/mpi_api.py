@@ -17,9 +17,7 @@ from hie.fhir.api import fhir_response, query_items, read_json_body
 from hie.fhir.service import Json, content_json, new_id, outcome
 from hie.hub.errors import InvalidRequest, NotFound, PreconditionFailed
 from hie.hub.settings import Settings
-from hie.registries.identifiers import NATIONAL_SYSTEMS, normalise_system
 from hie.registries.patient_index import MasterPatientIndex, MergeOutcome
-from hie.registries.senders import SenderRegistry
 
 MATCH_GRADE_URL = "http://hl7.org/fhir/StructureDefinition/match-grade"
 
@@ -49,18 +47,12 @@ def _bool(p: Json | None, name: str) -> bool:
 def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
     """The router for the master patient index operations (prefix ``/fhir``)."""
     router = APIRouter(prefix="/fhir", tags=["master patient index"])
-    senders = SenderRegistry(mpi.store)
     limit = settings.max_body_bytes
 
     def base(request: Request) -> str:
         if settings.base_url:
             return settings.base_url.rstrip("/") + "/fhir"
         return str(request.base_url).rstrip("/") + "/fhir"
-
-    def known_system(system: str) -> bool:
-        """A recognised assigning authority: national, or an MO's registered system."""
-        system = normalise_system(system)
-        return system in NATIONAL_SYSTEMS or senders.mo_for_patient_id_system(system) is not None
 
     @router.post("/Patient/$match", summary="Patient $match (golden records)")
     async def match(request: Request) -> Response:
@@ -118,7 +110,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
         if len(sources) != 1:
             raise InvalidRequest("exactly one sourceIdentifier (system|value) is required")
         targets = [t for k, v in items if k == "targetSystem" for t in v.split(",") if t]
-        identifiers, refs = await run_in_threadpool(mpi.pix, sources[0], targets, known_system)
+        identifiers, refs = await run_in_threadpool(mpi.pix, sources[0], targets)
         result = {
             "resourceType": "Parameters",
             "parameter": [{"name": "targetIdentifier", "valueIdentifier": i} for i in identifiers]

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     mpi_enabled: bool = Field(default=True, description="match every source Patient")
     mpi_auto_link_bits: float = Field(default=28.0, description="score that links on its own")
     mpi_review_bits: float = Field(default=16.0, description="score that asks an operator")
+    mpi_registered_systems_only: bool = Field(
+        default=True, description="refuse Patient identifier systems no MO registered"
+    )
 
     @model_validator(mode="after")
     def _defaults_and_production_checks(self) -> Settings:

@@ -44,7 +44,7 @@ from hie.fhir.service import (
     is_golden,
     new_id,
 )
-from hie.hub.errors import HieError, InvalidRequest, NotFound, Unprocessable
+from hie.hub.errors import HieError, InvalidRequest, InvalidResource, NotFound, Unprocessable
 from hie.hub.logging import get_logger
 from hie.hub.store.port import IdentityIndex, StoredResource, TokenCond, WriteTx
 from hie.hub.store.sql import now_us
@@ -66,6 +66,7 @@ from hie.registries.mpi import (
     person_features,
     score,
 )
+from hie.registries.senders import SenderRegistry
 
 log = get_logger("hie.mpi")
 
@@ -130,10 +131,40 @@ class GoldenMatch:
 class MasterPatientIndex:
     """Matching, golden records, merge and cross-reference over a :class:`FhirService`."""
 
-    def __init__(self, svc: FhirService, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> None:
+    def __init__(
+        self,
+        svc: FhirService,
+        thresholds: Thresholds = DEFAULT_THRESHOLDS,
+        *,
+        registered_systems_only: bool = True,
+    ) -> None:
         self.svc = svc
         self.store = svc.store
         self.thresholds = thresholds
+        self.senders = SenderRegistry(svc.store)
+        self.registered_systems_only = registered_systems_only
+
+    def known_system(self, system: str) -> bool:
+        """A recognised identifier system: national (SNILS, OMS, passport) or one an MO
+        registered in the facility registry as its patient-number system."""
+        system = normalise_system(system)
+        return system in NATIONAL_SYSTEMS or (
+            self.senders.mo_for_patient_id_system(system) is not None
+        )
+
+    def check_systems(self, res: Json) -> None:
+        """Refuse a Patient identifier whose system no MO registered: its number could not be
+        told apart from another MO's same number, so it would mis-link people."""
+        for i, ident in enumerate(res.get("identifier") or []):
+            system = ident.get("system") if isinstance(ident, dict) else None
+            if isinstance(system, str) and system and not self.known_system(system):
+                where = f"Patient.identifier[{i}].system"
+                raise InvalidResource(
+                    f"{where}: {system} is not a national identifier system nor registered by "
+                    "any MO; register it in the facility registry first "
+                    "(unregistered-identifier-system)",
+                    expression=[where],
+                )
 
     # --- matching on every source write ---------------------------------------------------
 
@@ -150,6 +181,8 @@ class MasterPatientIndex:
                 self._journal(idx, sid, existing.group_id, "unlink", {"reason": "deleted"}, when)
                 self.refresh_golden(tx, existing.group_id, when)
             return
+        if self.registered_systems_only:
+            self.check_systems(res)
         feats = person_features(res)
         keys = blocking_keys(feats)
         fjson = orjson.dumps(feats.to_json())
@@ -351,24 +384,22 @@ class MasterPatientIndex:
         self,
         source_identifier: str,
         target_systems: Sequence[str] = (),
-        known_system: Any = None,
     ) -> tuple[list[Json], list[str]]:
         """IHE PIXm ITI-83: every identifier (optionally only in ``target_systems``) and
         Patient resource of the person whose record carries ``source_identifier``
-        (``system|value``). ``known_system(system) -> bool`` says whether an assigning
-        authority is recognised (national, or registered by an MO)."""
+        (``system|value``). An assigning authority is recognised when :meth:`known_system`
+        says so."""
         system, sep, value = source_identifier.partition("|")
         if not sep or not system or not value:
             raise InvalidRequest("sourceIdentifier must be system|value (ITI-83 §2:3.83.4.1.2)")
         system = normalise_system(system)
-        recognised = known_system or (lambda s: s in NATIONAL_SYSTEMS)
-        if not recognised(system):
+        if not self.known_system(system):
             raise InvalidRequest(
                 f"sourceIdentifier Assigning Authority {system} is not known to the hub"
             )
         targets = [normalise_system(t) for t in target_systems]
         for t in targets:
-            if not recognised(t):
+            if not self.known_system(t):
                 raise UnknownTargetSystem(f"targetSystem {t} is not known to the hub")
         try:
             value = normalise_identifier(system, value)
@@ -851,6 +882,8 @@ def attach_mpi(svc: FhirService) -> MasterPatientIndex | None:
     if not settings.mpi_enabled:
         return None
     thresholds = Thresholds(auto=settings.mpi_auto_link_bits, review=settings.mpi_review_bits)
-    mpi = MasterPatientIndex(svc, thresholds)
+    mpi = MasterPatientIndex(
+        svc, thresholds, registered_systems_only=settings.mpi_registered_systems_only
+    )
     svc.mpi = mpi
     return mpi

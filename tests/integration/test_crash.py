@@ -332,6 +332,24 @@ def check_all_or_nothing(http: httpx.Client, ledger: Ledger) -> None:
         assert count(http, "/fhir/Patient", identifier=f"{MARK}|{marker}") in (0, 1)
 
 
+def register_senders(srv: Server) -> None:
+    """The demo city's MOs (whose patient-number systems the generated patients carry) and
+    the test's marker system are registered first: the hub refuses Patient identifiers in
+    systems no MO registered."""
+    from hie.demo import as_transaction
+    from hie.registries.facility import patient_id_system_identifier
+
+    org = {
+        "resourceType": "Organization",
+        "id": "crash-test-mo",
+        "name": "Crash test MO",
+        "identifier": [patient_id_system_identifier(MARK)],
+    }
+    bundle = as_transaction([*Generator(1).city().resources(), org])
+    r = httpx.post(f"{srv.base}/fhir", json=bundle, headers=FJ, timeout=60)
+    assert r.status_code == 200, r.text[:500]
+
+
 def run_crash_rounds(tmp_path: Path, servers: list[Server], database_url: str | None) -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
@@ -341,6 +359,7 @@ def run_crash_rounds(tmp_path: Path, servers: list[Server], database_url: str | 
     servers.append(srv)
     ledger = Ledger()
     srv.start()
+    register_senders(srv)
     for round_no in range(1, ROUNDS + 1):
         try:
             write_until_killed(srv, ledger, round_no, rng)

@@ -74,6 +74,12 @@ def obs(pid: str, value: float) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(autouse=True)
+def _registered(client) -> None:  # type: ignore[no-untyped-def]
+    """MO12 and MO40 register their patient-number systems, as every MO must."""
+    register_mos(client)
+
+
 def register_mos(client) -> None:  # type: ignore[no-untyped-def]
     for oid, name, system in (("mo12", "Поликлиника 12", MO12), ("mo40", "Больница 40", MO40)):
         org = {
@@ -330,7 +336,6 @@ def test_match_returns_graded_golden_records(client) -> None:  # type: ignore[no
 
 
 def test_pixm_cross_references_every_identifier(client) -> None:  # type: ignore[no-untyped-def]
-    register_mos(client)
     a = post(client, person(ids=[(SNILS_SYSTEM, snils(9)), (MO12, "12-9")]))
     b = post(client, person(ids=[(SNILS_SYSTEM, snils(9)), (MO40, "40-9")]))
     g = golden_of(client, a["id"])
@@ -476,3 +481,30 @@ def test_merge_rejects_malformed_parameters(client, body: dict[str, Any]) -> Non
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     r = client.post("/fhir/Patient/$merge", json=params(source_patient="Patient/x"), headers=FJ)
     assert r.status_code == 400 and "target-patient" in r.text
+
+
+def test_identifier_systems_no_mo_registered_are_refused(client) -> None:  # type: ignore[no-untyped-def]
+    stray = person(ids=[("https://stray.example/mrn", "1")])
+    r = client.post("/fhir/Patient", json=stray, headers=FJ)
+    assert r.status_code == 400, r.text
+    issue = r.json()["issue"][0]
+    assert "unregistered-identifier-system" in issue["diagnostics"]
+    assert issue["expression"] == ["Patient.identifier[0].system"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": person(ids=[(MO12, "ok-1")]),
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {"resource": stray, "request": {"method": "POST", "url": "Patient"}},
+        ],
+    }
+    assert client.post("/fhir", json=bundle, headers=FJ).status_code == 400
+    assert entries(client.get(f"/fhir/Patient?identifier={MO12}|ok-1").json()) == []
+    # national identifiers and registered systems are fine
+    assert (
+        client.post("/fhir/Patient", json=person(ids=[(MO12, "ok-1")]), headers=FJ).status_code
+        == 201
+    )
