@@ -48,7 +48,27 @@ def _resource(rtype: str) -> dict[str, Any]:
             {
                 "name": "everything",
                 "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-            }
+            },
+            {
+                "name": "match",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match",
+            },
+            {
+                "name": "merge",
+                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-merge",
+            },
+            {
+                "name": "ihe-pix",
+                "definition": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix",
+            },
+            {
+                "name": "unmerge",
+                "definition": "https://hie.spb.ru/fhir/OperationDefinition/Patient-unmerge",
+            },
+            {
+                "name": "mpi-explain",
+                "definition": "https://hie.spb.ru/fhir/OperationDefinition/Patient-mpi-explain",
+            },
         ]
     return out
 

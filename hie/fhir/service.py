@@ -495,8 +495,20 @@ class FhirService:
                 f"{resource_type} is not full-text indexed; _content/_text apply to "
                 + ", ".join(sorted(FULLTEXT_TYPES))
             )
-        hits = self.search_index().ids_matching(text, resource_type, patient, limit=10_000)
-        return [h.split("/", 1)[1] for h in hits]
+        index = self.search_index()
+        if patient is None:
+            hits = index.ids_matching(text, resource_type, None, limit=10_000)
+            return [h.split("/", 1)[1] for h in hits]
+        # the person's records from every MO: each member of the patient's identity group
+        pid = patient.removeprefix("Patient/")
+        with self.store.identity_reader() as idx:
+            group = idx.group_of("Patient", pid)
+            members = [m.id for m in idx.members("Patient", group)] if group else [pid]
+        out: dict[str, None] = {}
+        for member in members:
+            for h in index.ids_matching(text, resource_type, f"Patient/{member}", limit=10_000):
+                out[h.split("/", 1)[1]] = None
+        return list(out)
 
     def _run_search(
         self, req: SearchRequest, items: list[tuple[str, str]], base: str, page_path: str

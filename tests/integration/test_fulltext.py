@@ -129,3 +129,19 @@ def test_content_combines_with_other_parameters(client) -> None:  # type: ignore
     )
     assert ids(r.json()) == [b]
     assert ids(r.json(), "include") == [p2]
+
+
+def test_content_for_a_person_covers_every_mo_record(client) -> None:  # type: ignore[no-untyped-def]
+    snils = "112-233-445 95"
+    ids = [{"system": "urn:oid:1.2.643.100.3", "value": snils}]
+    base = {"resourceType": "Patient", "name": [{"family": "Иванова", "given": ["Анна"]}]}
+    a = client.post("/fhir/Patient", json={**base, "identifier": ids}, headers=FJ).json()["id"]
+    b = client.post("/fhir/Patient", json={**base, "identifier": ids}, headers=FJ).json()["id"]
+    d1 = client.post("/fhir/DocumentReference", json=document(a, "пневмония"), headers=FJ)
+    d2 = client.post("/fhir/DocumentReference", json=document(b, "пневмонии нет"), headers=FJ)
+    drain(client)
+    # either MO's record of the person finds both MOs' documents
+    for pid in (a, b):
+        r = client.get(f"/fhir/DocumentReference?patient={pid}&_content=пневмония").json()
+        found = {e["resource"]["id"] for e in r.get("entry", [])}
+        assert found == {d1.json()["id"], d2.json()["id"]}
