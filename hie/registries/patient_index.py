@@ -508,14 +508,7 @@ class MasterPatientIndex:
         done_into = replaced_by(src_res)
         if done_into is not None:
             if done_into == f"Patient/{target}" or g_src == g_tgt:
-                return MergeOutcome(
-                    source,
-                    target,
-                    "none",
-                    already=True,
-                    result=tx.current(P, g_tgt),
-                    message=f"Patient/{source} was already merged into Patient/{target}",
-                )
+                return self._already(tx, source, target, g_tgt, "merged into")
             raise MergeRefused(
                 "already-merged",
                 f"source Patient/{source} was already merged into {done_into}; unmerge it first",
@@ -542,14 +535,7 @@ class MasterPatientIndex:
                 self.svc.write_internal(tx, retired, P, source, when)
         else:  # a source record into a golden record: relink that record alone
             if g_src == g_tgt:
-                return MergeOutcome(
-                    source,
-                    target,
-                    "none",
-                    already=True,
-                    result=tx.current(P, g_tgt),
-                    message=f"Patient/{source} is already linked to Patient/{target}",
-                )
+                return self._already(tx, source, target, g_tgt, "linked to")
             kind = "relink"
             rec = idx.records(P, [source])[0]
             idx.put(P, source, g_tgt, rec.features)
@@ -563,6 +549,18 @@ class MasterPatientIndex:
         self._audit(tx, "merge", source, target, reason, agent, when)
         log.info("mpi.merge", kind=kind, moved=len(moved))
         return MergeOutcome(source, target, kind, moved, result=tx.current(P, g_tgt))
+
+    @staticmethod
+    def _already(tx: WriteTx, source: str, target: str, group: str, how: str) -> MergeOutcome:
+        """A repeated merge: nothing changes, and the answer says so."""
+        return MergeOutcome(
+            source,
+            target,
+            "none",
+            already=True,
+            result=tx.current(P, group),
+            message=f"Patient/{source} was already {how} Patient/{target}",
+        )
 
     def unmerge(
         self, source: str, *, reason: str | None = None, agent: str | None = None
