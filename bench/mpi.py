@@ -28,7 +28,7 @@ Prints a table (targets beside measured values) and appends one JSON line to
     .venv/bin/python bench/mpi.py                               # 1,000,000 people (long)
     .venv/bin/python bench/mpi.py --n 20000 --queries 2000      # quick
     .venv/bin/python bench/mpi.py --n 300000 --data-dir /var/tmp/mpi --keep-seed
-    .venv/bin/python bench/mpi.py --n 100000 --profile /tmp/ingest.prof   # cProfile of step 2
+    .venv/bin/python bench/mpi.py --n 100000 --profile /tmp/ingest.prof   # cProfile, step 2
 """
 
 from __future__ import annotations
@@ -267,6 +267,7 @@ def prepare_data_dir(data_dir: Path, args: argparse.Namespace) -> None:
             if "lock" not in p.name:
                 p.unlink()
         shutil.copyfile(snap, data_dir / "hie.db")
+        os.sync()  # the copy's writeback would otherwise compete with the timed commits
         write_state(data_dir, **{**state, "phase": "seeded"})
 
 
@@ -633,7 +634,9 @@ def main() -> None:
         "--show-errors", type=int, default=10, help="explain N wrong or missed auto-links"
     )
     ap.add_argument("--results", type=Path, default=RESULTS, help="JSON lines file appended to")
-    ap.add_argument("--profile", default=None, help="cProfile the Bundle ingest into this file")
+    ap.add_argument(
+        "--profile", default=None, help="cProfile the ingest into this file (and <file>.single)"
+    )
     args = ap.parse_args()
 
     temp = args.data_dir is None
@@ -661,6 +664,7 @@ def main() -> None:
         with store.engine.connect() as conn:  # type: ignore[attr-defined]
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         shutil.copyfile(data_dir / "hie.db", data_dir / SNAPSHOT)
+        os.sync()
     progress(
         f"seeded: {after_seed['golden']:,} golden records for {args.n:,} people "
         f"({seeded.seconds / 60:.1f} min in this run)"
@@ -683,7 +687,10 @@ def main() -> None:
     bundle_s = time.perf_counter() - t0
     progress(f"ingesting {len(single):,} records one create each …")
     t0 = time.perf_counter()
-    single_took = ingest_single(svc, single)
+    if args.profile and single:
+        single_took = profiled(ingest_single, f"{args.profile}.single", svc, single)
+    else:
+        single_took = ingest_single(svc, single)
     single_s = time.perf_counter() - t0
 
     progress("judging …")
@@ -722,6 +729,7 @@ def main() -> None:
                 "p50_ms": ms(pct(single_took, 50)),
                 "p95_ms": ms(pct(single_took, 95)),
                 "p99_ms": ms(pct(single_took, 99)),
+                "profiled": bool(args.profile),
             },
             "tasks_opened": after_ingest["tasks"] - after_seed["tasks"],
         },

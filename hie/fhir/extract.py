@@ -7,6 +7,7 @@ HumanName → every part, Period → its range, …).
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Iterator
 from typing import Any
@@ -27,21 +28,22 @@ from hie.hub.store.port import (
 _MAX_US = 2**62
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise(text: str) -> str:
     """Lower-case and fold accents for string search; ё → е, but й stays й (Russian)."""
     # NFC first: a decomposed й (и + U+0306) must stay й like the composed one
     text = unicodedata.normalize("NFC", text).lower().replace("ё", "е")
     if text.isascii():
         return text
-    out = []
-    for ch in text:
-        if ch == "й" or ord(ch) < 128:
-            out.append(ch)
-            continue
-        out.append(
-            "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
-        )
-    return "".join(out).lower()  # compatibility forms may be upper case: № → No
+    return "".join(map(_fold, text)).lower()  # compatibility forms may be upper case: № → No
+
+
+@functools.lru_cache(maxsize=4096)
+def _fold(ch: str) -> str:
+    """One character without its accents (й and ASCII unchanged)."""
+    if ch == "й" or ord(ch) < 128:
+        return ch
+    return "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
 
 
 def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:

@@ -261,12 +261,13 @@ class FhirService:
             self.mpi.on_patient_written(tx, res, stored, when)
 
     def write_internal(
-        self, tx: WriteTx, res: Json, resource_type: str, id: str, when: int
+        self, tx: WriteTx, res: Json, resource_type: str, id: str, when: int, *, fresh: bool = False
     ) -> StoredResource:
         """Write a resource the hub itself keeps (a golden Patient, a review Task, an
         AuditEvent) inside ``tx``: no sender checks, no master-patient-index hook. The content
-        is built by the hub from validated parts, so it is not validated again."""
-        cur = tx.current(resource_type, id)
+        is built by the hub from validated parts, so it is not validated again. ``fresh``: the
+        caller just made ``id`` up, so there is no current version to read."""
+        cur = None if fresh else tx.current(resource_type, id)
         version = cur.version + 1 if cur else 1
         new = self.prepare(
             res, resource_type, id, version, when, "PUT", validated=True, internal=True

@@ -188,7 +188,7 @@ class MasterPatientIndex:
         fjson = orjson.dumps(feats.to_json())
         if existing is not None and existing.features is not None:
             idx.put(P, sid, existing.group_id, fjson, keys)
-            self.refresh_golden(tx, existing.group_id, when)
+            self.refresh_golden(tx, existing.group_id, when, written=stored)
             # an update (a SNILS added, a typo fixed) may show another golden record is the
             # same person: that is an operator's call, never an automatic merge
             other = self._best(idx, feats, keys, exclude_group=existing.group_id)
@@ -204,12 +204,13 @@ class MasterPatientIndex:
         body = _result_json(result)
         if result.decision == "auto-link" and result.person_id is not None:
             gid = result.person_id
-            idx.put(P, sid, gid, fjson, keys)
+            idx.put(P, sid, gid, fjson, keys, new=True)
+            self.refresh_golden(tx, gid, when, written=stored)
         else:
             gid = new_id()
-            idx.put(P, gid, gid)
-            idx.put(P, sid, gid, fjson, keys)
-        self.refresh_golden(tx, gid, when)
+            idx.put(P, gid, gid, new=True)
+            idx.put(P, sid, gid, fjson, keys, new=True)
+            self.refresh_golden(tx, gid, when, written=stored, new_group=True)
         if result.decision == "review" and result.person_id is not None:
             body["task"] = self._review_task(tx, sid, gid, result, when)
         self._journal(idx, sid, gid, "match", body, when)
@@ -276,15 +277,27 @@ class MasterPatientIndex:
         }
         if result.ambiguous:
             task["input"].append(_input("ambiguous", {"valueBoolean": True}))
-        self.svc.write_internal(tx, task, "Task", task_id, when)
+        self.svc.write_internal(tx, task, "Task", task_id, when, fresh=True)
         return task_id
 
     # --- golden records ---------------------------------------------------------------------
 
-    def refresh_golden(self, tx: WriteTx, gid: str, when: int) -> StoredResource | None:
+    def refresh_golden(
+        self,
+        tx: WriteTx,
+        gid: str,
+        when: int,
+        *,
+        written: StoredResource | None = None,
+        new_group: bool = False,
+    ) -> StoredResource | None:
         """Rebuild golden record ``gid`` from its group's current members and write it if it
         changed: retired (``active: false``, ``replaced-by``) when its group was merged into
-        another, deleted when it has no source left."""
+        another, deleted when it has no source left. ``written`` is a member just written in
+        ``tx`` (not read back); ``new_group`` says the group was just made for it alone."""
+        if new_group and written is not None:
+            golden = compose_golden(gid, [content_json(written)])
+            return self.svc.write_internal(tx, golden, P, gid, when, fresh=True)
         idx = tx.identity
         cur = tx.current(P, gid)
         own_group = idx.group_of(P, gid)
@@ -297,7 +310,11 @@ class MasterPatientIndex:
             merged = [m.id for m in members if m.features is None and m.id != gid]
             contents = []
             for sid in sources:
-                s = tx.current(P, sid, for_update=False)
+                s = (
+                    written
+                    if written and written.id == sid
+                    else tx.current(P, sid, for_update=False)
+                )
                 if s is not None and not s.deleted:
                     contents.append(content_json(s))
             if not contents:
@@ -676,7 +693,7 @@ class MasterPatientIndex:
         }
         if reason:
             event["purposeOfEvent"] = [{"text": reason}]
-        self.svc.write_internal(tx, event, "AuditEvent", new_id(), when)
+        self.svc.write_internal(tx, event, "AuditEvent", new_id(), when, fresh=True)
 
     # --- explanation ---------------------------------------------------------------------------
 

@@ -356,9 +356,12 @@ class IdentityIndex(Protocol):
         group_id: str,
         features: bytes | None = None,
         keys: Sequence[str] | None = None,
+        *,
+        new: bool = False,
     ) -> None:
         """Add ``id`` to ``group_id`` or move it there, storing ``features``; ``keys``
-        replaces its blocking keys (None keeps them as they are)."""
+        replaces its blocking keys (None keeps them as they are). ``new`` says the caller
+        knows ``id`` is in no group yet (one insert, nothing to replace)."""
 
     def move_group(self, rtype: str, from_group: str, to_group: str) -> list[str]:
         """Move every member of ``from_group`` into ``to_group``; the ids moved."""

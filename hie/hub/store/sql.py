@@ -25,6 +25,7 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -472,10 +473,9 @@ class SqlWriteTx:
         self, resource_type: str, id: str, *, for_update: bool = True
     ) -> StoredResource | None:
         """Current version inside the transaction (row-locked on PostgreSQL)."""
-        stmt = self.store._current_select().where(R.c.rtype == resource_type, R.c.id == id)
-        if for_update and self.store.dialect == "postgresql":
-            stmt = stmt.with_for_update(of=R)
-        row = self.conn.execute(stmt).first()
+        locked = for_update and self.store.dialect == "postgresql"
+        stmt = _CURRENT_LOCKED if locked else _CURRENT
+        row = self.conn.execute(stmt, {"rtype": resource_type, "id": id}).first()
         if row is None:
             return None
         self._rids[(resource_type, id)] = row.rid
@@ -487,15 +487,14 @@ class SqlWriteTx:
         deleted = new.content is None
         if version == 1 and key not in self._rids:
             rid = self.conn.execute(
-                insert(R)
-                .values(
-                    rtype=new.resource_type,
-                    id=new.id,
-                    version=1,
-                    last_updated=last_updated,
-                    deleted=deleted,
-                )
-                .returning(R.c.rid)
+                _INSERT_RESOURCE,
+                {
+                    "rtype": new.resource_type,
+                    "id": new.id,
+                    "version": 1,
+                    "last_updated": last_updated,
+                    "deleted": deleted,
+                },
             ).scalar_one()
             self._rids[key] = rid
         else:
@@ -517,21 +516,27 @@ class SqlWriteTx:
             for table in s.INDEX_TABLES.values():
                 self.conn.execute(delete(table).where(table.c.rid == rid))
         self.conn.execute(
-            insert(H).values(
-                rid=rid,
-                version=version,
-                last_updated=last_updated,
-                method=new.method,
-                content=new.content,
-            )
+            _INSERT_HISTORY,
+            {
+                "rid": rid,
+                "version": version,
+                "last_updated": last_updated,
+                "method": new.method,
+                "content": new.content,
+            },
         )
         if not deleted:
             self._insert_index([(rid, new)])
         op = "delete" if deleted else ("create" if version == 1 else "update")
         self.conn.execute(
-            insert(s.outbox).values(
-                rtype=new.resource_type, id=new.id, version=version, op=op, created=last_updated
-            )
+            _INSERT_OUTBOX,
+            {
+                "rtype": new.resource_type,
+                "id": new.id,
+                "version": version,
+                "op": op,
+                "created": last_updated,
+            },
         )
         return StoredResource(
             new.resource_type, new.id, version, last_updated, deleted, new.content, new.method, rid
@@ -649,6 +654,19 @@ class SqlWriteTx:
             stmt = stmt.where(R.c.rtype == query.resource_type)
         stmt = stmt.limit(query.count)
         return [(r.rtype, r.id) for r in self.conn.execute(stmt)]
+
+
+# Statements of the per-write hot path, built once: building and hashing a statement per
+# call costs more than SQLite's execution of it.
+_CURRENT = (
+    select(*SqlResourceStore._COLS, H.c.method)
+    .select_from(R.join(H, and_(H.c.rid == R.c.rid, H.c.version == R.c.version)))
+    .where(R.c.rtype == bindparam("rtype"), R.c.id == bindparam("id"))
+)
+_CURRENT_LOCKED = _CURRENT.with_for_update(of=R)
+_INSERT_RESOURCE = insert(R).returning(R.c.rid)
+_INSERT_HISTORY = insert(H)
+_INSERT_OUTBOX = insert(s.outbox)
 
 
 def _clip(value: str | None) -> str | None:

@@ -4,9 +4,20 @@ they are about."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
-from sqlalchemy import Connection, String, delete, func, insert, literal, select, union_all, update
+from sqlalchemy import (
+    Connection,
+    String,
+    bindparam,
+    delete,
+    insert,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.sql import Select
 
 from hie.hub.store import schema as s
@@ -15,6 +26,26 @@ from hie.hub.store.port import IdentityLogEntry, LinkedRecord
 L = s.identity_links
 K = s.identity_keys
 J = s.identity_log
+
+# At most this many key rows are read for one lookup (a phone shared by a whole ward must
+# not turn one match into a scan).
+BLOCK_ROWS = 5000
+
+
+# Statements of the per-write path, built once (see hie.hub.store.sql).
+_RT = bindparam("rtype", type_=String())
+_GROUP_OF = select(L.c.group_id).where(L.c.rtype == _RT, L.c.id == bindparam("id"))
+_LINK_COLS = (L.c.id, L.c.group_id, L.c.features)
+_MEMBERS = select(*_LINK_COLS).where(L.c.rtype == _RT, L.c.group_id == bindparam("group_id"))
+_RECORDS = select(*_LINK_COLS).where(L.c.rtype == _RT, L.c.id.in_(bindparam("ids", expanding=True)))
+_KEY_HITS = (
+    select(K.c.id)
+    .where(K.c.rtype == _RT, K.c.key.in_(bindparam("keys", expanding=True)))
+    .limit(BLOCK_ROWS)
+)
+_INSERT_LINK = insert(L)
+_INSERT_KEY = insert(K)
+_INSERT_LOG = insert(J).returning(J.c.seq)
 
 
 def group_members_select(rtype: str, ids: Sequence[str]) -> Select[tuple[str]]:
@@ -36,27 +67,22 @@ class SqlIdentityIndex:
 
     def group_of(self, rtype: str, id: str) -> str | None:
         """The group of ``id`` or None."""
-        stmt = select(L.c.group_id).where(L.c.rtype == rtype, L.c.id == id)
-        value = self.conn.execute(stmt).scalar()
+        value = self.conn.execute(_GROUP_OF, {"rtype": rtype, "id": id}).scalar()
         return str(value) if value is not None else None
 
     def members(self, rtype: str, group_id: str) -> list[LinkedRecord]:
         """Every member of ``group_id``, ordered by id."""
-        stmt = (
-            select(L.c.id, L.c.group_id, L.c.features)
-            .where(L.c.rtype == rtype, L.c.group_id == group_id)
-            .order_by(L.c.id)
-        )
-        return [_record(r) for r in self.conn.execute(stmt)]
+        # Sorted here: an ORDER BY id tempts SQLite's planner (without statistics) to walk
+        # the primary key over the whole table instead of using the group index.
+        rows = self.conn.execute(_MEMBERS, {"rtype": rtype, "group_id": group_id})
+        return sorted((_record(r) for r in rows), key=lambda r: r.id)
 
     def records(self, rtype: str, ids: Sequence[str]) -> list[LinkedRecord]:
         """The members with these ids."""
         if not ids:
             return []
-        stmt = select(L.c.id, L.c.group_id, L.c.features).where(
-            L.c.rtype == rtype, L.c.id.in_(list(ids))
-        )
-        return [_record(r) for r in self.conn.execute(stmt)]
+        rows = self.conn.execute(_RECORDS, {"rtype": rtype, "ids": list(ids)})
+        return [_record(r) for r in rows]
 
     def put(
         self,
@@ -65,22 +91,28 @@ class SqlIdentityIndex:
         group_id: str,
         features: bytes | None = None,
         keys: Sequence[str] | None = None,
+        *,
+        new: bool = False,
     ) -> None:
         """Upsert the member row; replace its keys when ``keys`` is given."""
-        done = self.conn.execute(
-            update(L)
-            .where(L.c.rtype == rtype, L.c.id == id)
-            .values(group_id=group_id, features=features)
-        )
-        if done.rowcount == 0:
-            self.conn.execute(
-                insert(L).values(rtype=rtype, id=id, group_id=group_id, features=features)
+        done = None
+        if not new:
+            done = self.conn.execute(
+                update(L)
+                .where(L.c.rtype == rtype, L.c.id == id)
+                .values(group_id=group_id, features=features)
             )
+        if done is None or done.rowcount == 0:
+            row = {"rtype": rtype, "id": id, "group_id": group_id, "features": features}
+            self.conn.execute(_INSERT_LINK, row)
         if keys is not None:
-            self.conn.execute(delete(K).where(K.c.rtype == rtype, K.c.id == id))
+            if not new:
+                self.conn.execute(delete(K).where(K.c.rtype == rtype, K.c.id == id))
             unique = list(dict.fromkeys(k[:96] for k in keys))
             if unique:
-                self.conn.execute(insert(K), [{"rtype": rtype, "key": k, "id": id} for k in unique])
+                self.conn.execute(
+                    _INSERT_KEY, [{"rtype": rtype, "key": k, "id": id} for k in unique]
+                )
 
     def move_group(self, rtype: str, from_group: str, to_group: str) -> list[str]:
         """Re-file every member of ``from_group`` under ``to_group``."""
@@ -103,30 +135,21 @@ class SqlIdentityIndex:
         keys = list(dict.fromkeys(k[:96] for k in keys))
         if not keys:
             return []
-        shared = func.count().label("shared")
-        ranked = (
-            select(K.c.id, shared)
-            .where(K.c.rtype == rtype, K.c.key.in_(keys))
-            .group_by(K.c.id)
-            .order_by(shared.desc(), K.c.id)
-            .limit(limit)
-            .subquery()
-        )
-        stmt = (
-            select(L.c.id, L.c.group_id, L.c.features)
-            .join(ranked, ranked.c.id == L.c.id)
-            .where(L.c.rtype == rtype, L.c.features.is_not(None))
-            .order_by(ranked.c.shared.desc(), L.c.id)
-        )
-        return [_record(r) for r in self.conn.execute(stmt)]
+        # Rows are fetched by key and counted here: a GROUP BY in SQL lets SQLite's planner,
+        # lacking statistics, walk the per-id index over every key of the type instead.
+        hits = self.conn.execute(_KEY_HITS, {"rtype": rtype, "keys": keys}).scalars()
+        shared = Counter(str(i) for i in hits)
+        ranked = sorted(shared, key=lambda i: (-shared[i], i))[:limit]
+        if not ranked:
+            return []
+        rows = self.conn.execute(_RECORDS, {"rtype": rtype, "ids": ranked})
+        found = {r.id: _record(r) for r in rows if r.features is not None}
+        return [found[i] for i in ranked if i in found]
 
     def log(self, rtype: str, id: str, group_id: str, kind: str, body: bytes, when: int) -> int:
         """Append a journal entry."""
-        result = self.conn.execute(
-            insert(J)
-            .values(rtype=rtype, id=id, group_id=group_id, kind=kind, body=body, created=when)
-            .returning(J.c.seq)
-        )
+        entry = {"rtype": rtype, "id": id, "group_id": group_id, "kind": kind}
+        result = self.conn.execute(_INSERT_LOG, {**entry, "body": body, "created": when})
         return int(result.scalar_one())
 
     def journal(
