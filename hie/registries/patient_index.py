@@ -62,9 +62,8 @@ from hie.registries.mpi import (
     Thresholds,
     best_match,
     blocking_keys,
-    decide,
     person_features,
-    score,
+    rank_people,
 )
 from hie.registries.senders import SenderRegistry
 
@@ -352,19 +351,13 @@ class MasterPatientIndex:
             )
         with self.store.identity_reader() as idx:
             cands = idx.candidates(P, keys, CANDIDATES)
-        best: dict[str, MatchScore] = {}
-        for c in cands:
-            if c.features is None:
-                continue
-            m = score(feats, PersonFeatures.from_json(orjson.loads(c.features)))
-            if c.group_id not in best or _rank(m, self.thresholds) < _rank(
-                best[c.group_id], self.thresholds
-            ):
-                best[c.group_id] = m
-        ranked = sorted(best.items(), key=lambda kv: _rank(kv[1], self.thresholds))
+        pairs = [
+            (c.group_id, PersonFeatures.from_json(orjson.loads(c.features)))
+            for c in cands
+            if c.features is not None
+        ]
         found: list[tuple[str, MatchScore, Literal["certain", "probable", "possible"]]] = []
-        for gid, m in ranked:
-            decision = decide(m, self.thresholds)
+        for gid, m, decision in rank_people(feats, pairs, self.thresholds):
             if decision == "new":
                 continue
             grade: Literal["certain", "probable", "possible"]
@@ -723,11 +716,6 @@ class _Preview(Exception):
 
 def _input(kind: str, value: Json) -> Json:
     return {"type": {"coding": [{"system": MPI_SYSTEM, "code": kind}], "text": kind}, **value}
-
-
-def _rank(m: MatchScore, t: Thresholds) -> tuple[int, float]:
-    order = {"auto-link": 0, "review": 1, "new": 2}
-    return order[decide(m, t)], -m.score
 
 
 def _result_json(r: MatchResult) -> Json:

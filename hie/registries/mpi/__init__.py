@@ -41,6 +41,7 @@ from hie.registries.mpi.scoring import (
     Thresholds,
     best_match,
     decide,
+    rank_people,
     score,
 )
 
@@ -56,6 +57,7 @@ __all__ = [
     "Rule",
     "Thresholds",
     "best_match",
+    "rank_people",
     "blocking_keys",
     "decide",
     "normalise_phone",

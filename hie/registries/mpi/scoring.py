@@ -370,6 +370,28 @@ _RULE_RANK: dict[Rule, int] = {
 }
 
 
+_ORDER = {"auto-link": 0, "review": 1, "new": 2}
+
+
+def _rank_key(t: tuple[str, MatchScore, Decision]) -> tuple[int, int, float]:
+    return (_ORDER[t[2]], _RULE_RANK[t[1].rule], -t[1].score)
+
+
+def rank_people(
+    incoming: PersonFeatures,
+    candidates: Iterable[tuple[str, PersonFeatures]],
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
+) -> list[tuple[str, MatchScore, Decision]]:
+    """One ``(person_id, score, decision)`` per person among ``candidates``, best first (see
+    :func:`best_match` for the order and how a person with several records is judged)."""
+    scored = [(pid, score(incoming, cand)) for pid, cand in candidates]
+    decided = sorted(((pid, m, decide(m, thresholds)) for pid, m in scored), key=_rank_key)
+    per_person: dict[str, list[tuple[str, MatchScore, Decision]]] = {}
+    for entry in decided:
+        per_person.setdefault(entry[0], []).append(entry)
+    return sorted((_person_entry(entries) for entries in per_person.values()), key=_rank_key)
+
+
 def best_match(
     incoming: PersonFeatures,
     candidates: Iterable[tuple[str, PersonFeatures]],
@@ -379,17 +401,12 @@ def best_match(
 
     Candidates are ranked by decision (auto-link first), then rule, then score. A person may
     be listed several times (one entry per source record: a maiden name, another MO's
-    spelling); it is ranked by its best record. If two or more people would auto-link, the
-    result is ``review`` with ``ambiguous`` set.
+    spelling); it is ranked by its best record, except that a person one of whose records
+    has another SNILS or OMS policy is never auto-linked by the others (see
+    :func:`_person_entry`). If two or more people would auto-link, the result is ``review``
+    with ``ambiguous`` set.
     """
-    order = {"auto-link": 0, "review": 1, "new": 2}
-    scored = [(pid, score(incoming, cand)) for pid, cand in candidates]
-    decided = [(pid, m, decide(m, thresholds)) for pid, m in scored]
-    decided.sort(key=lambda t: (order[t[2]], _RULE_RANK[t[1].rule], -t[1].score))
-    per_person: dict[str, tuple[str, MatchScore, Decision]] = {}
-    for entry in decided:
-        per_person.setdefault(entry[0], entry)  # the first (best) entry of each person
-    decided = list(per_person.values())
+    decided = rank_people(incoming, candidates, thresholds)
     ranked = [(pid, m) for pid, m, _ in decided]
     if not decided:
         return MatchResult("new", None, None, ranked)
@@ -398,3 +415,17 @@ def best_match(
     if autos > 1:
         return MatchResult("review", pid, best, ranked, ambiguous=True)
     return MatchResult(decision, pid, best, ranked)
+
+
+def _person_entry(
+    entries: list[tuple[str, MatchScore, Decision]],
+) -> tuple[str, MatchScore, Decision]:
+    """The entry that stands for one person (``entries`` best first). A record without a
+    SNILS may look exactly like the incoming one — a namesake born the same day — while
+    another record of the same person carries a different SNILS: the person is then judged
+    by that record (rule ``national-id-conflict``), unless one of its records shares the
+    incoming national identifier."""
+    best = entries[0]
+    if best[2] != "auto-link" or best[1].rule == "national-id":
+        return best
+    return next((e for e in entries if e[1].rule == "national-id-conflict"), best)

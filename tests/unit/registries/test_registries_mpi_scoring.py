@@ -389,6 +389,30 @@ def test_national_id_ranks_above_a_higher_probabilistic_score() -> None:
     assert result.decision == "auto-link" and result.person_id == "by-id"
 
 
+def test_a_persons_other_snils_outweighs_its_record_without_one() -> None:
+    # Same full name and birth date, another SNILS: a namesake, even though one of the
+    # person's records (from an MO that did not record the SNILS) looks exactly like it.
+    incoming = feats(patient(snils="123-456-789 64"))
+    person = [("p", feats(patient(snils="112-233-445 95"))), ("p", feats(patient()))]
+    result = best_match(incoming, person)
+    assert result.decision != "auto-link"
+    assert result.match is not None and result.match.rule == "national-id-conflict"
+    assert result.match.details["snils:different"] < 0
+    # the same records without the conflicting one would link
+    assert best_match(incoming, person[1:]).decision == "auto-link"
+
+
+def test_a_shared_snils_keeps_a_person_linkable_despite_an_old_other_one() -> None:
+    incoming = feats(patient(snils="123-456-789 64"))
+    person = [
+        ("p", feats(patient(snils="112-233-445 95"))),
+        ("p", feats(patient(snils="123-456-789 64"))),
+    ]
+    result = best_match(incoming, person)
+    assert result.decision == "auto-link" and result.match is not None
+    assert result.match.rule == "national-id"
+
+
 @pytest.mark.parametrize(
     ("a", "b", "level"),
     [
