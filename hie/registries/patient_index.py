@@ -378,6 +378,17 @@ class MasterPatientIndex:
             if gid in stored
         ]
 
+    def decide_many(self, patients: Iterable[Json]) -> list[MatchResult]:
+        """What the index would decide for each incoming source Patient (auto-link, review,
+        new; against the records stored now, not each other), writing nothing: the matching
+        step of :meth:`on_patient_written` alone, over one read connection."""
+        out: list[MatchResult] = []
+        with self.store.identity_reader() as idx:
+            for patient in patients:
+                feats = person_features(patient)
+                out.append(self._best(idx, feats, blocking_keys(feats)))
+        return out
+
     def probability(self, m: MatchScore) -> float:
         """A 0–1 score for ``Bundle.entry.search.score``: a logistic curve of the bits, 0.5
         at the review threshold and above 0.98 at the auto-link threshold (national

@@ -181,6 +181,23 @@ def test_different_people_get_their_own_golden_records(client) -> None:  # type:
     assert len(goldens) == 3
 
 
+def test_decide_many_says_what_a_write_would_do_and_writes_nothing(client) -> None:  # type: ignore[no-untyped-def]
+    a = post(client, person(ids=[(SNILS_SYSTEM, snils(4))], phone="+79215550104"))
+    mpi = client.app.state.fhir.mpi
+    before = client.get("/fhir/Patient?_summary=count&_tag=" + GOLDEN).json()["total"]
+    same = person(given="Анан", phone="+79215550104")  # a typo, no SNILS
+    maybe = person(birth="1985-03-17", middle=None)
+    stranger = person("Петров", "Иван", "Ильич", "1950-01-01", "male")
+    decided = mpi.decide_many([same, maybe, stranger])
+    assert [d.decision for d in decided] == ["auto-link", "review", "new"]
+    assert decided[0].person_id == golden_of(client, a["id"])["id"]
+    after = client.get("/fhir/Patient?_summary=count&_tag=" + GOLDEN).json()["total"]
+    assert after == before
+    # and the write then does what it said
+    linked = post(client, same)
+    assert golden_of(client, linked["id"])["id"] == decided[0].person_id
+
+
 def test_possible_match_is_kept_apart_and_sent_to_review(client) -> None:  # type: ignore[no-untyped-def]
     a = post(client, person(phone="+79215550103"))
     # same name and birth year, another day of birth, no phone: could be her, could be not
