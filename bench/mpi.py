@@ -16,11 +16,12 @@ is matched, linked and its golden record rewritten inside the write transaction.
    the store's identity index, scoring, decision; the matching step of every write, nothing
    persisted — in ``--decide-workers`` processes, each on its own connection.
 3. Ingest (matching plus persisting: the source record, its links and keys, the rewritten
-   golden record, the journal, ``synchronous=FULL`` commits): ``--queries`` labelled records from other MOs (true matches with typo,
-   transliteration and swapped-date variants; new people and hard non-matches — namesakes,
-   twins, same name and birth date with another SNILS; built by ``bench/mpi_engine.py``'s
-   generator) in transaction Bundles of ``--batch``, timed; then ``--single`` more, one
-   ``FhirService.create`` each (an MLLP ADT feed writes one message at a time).
+   golden record, the journal, ``synchronous=FULL`` commits): ``--queries`` labelled records
+   from other MOs (true matches with typo, transliteration and swapped-date variants; new
+   people and hard non-matches — namesakes, twins, same name and birth date with another
+   SNILS; built by ``bench/mpi_engine.py``'s generator) in transaction Bundles of
+   ``--batch``, timed; then ``--single`` more, one ``FhirService.create`` each (an MLLP ADT
+   feed writes one message at a time).
 4. Quality: each ingested record's identity group and journalled decision against the golden
    person it truly is: precision and recall of auto-link, share sent to review, per kind.
 5. ``Patient/$match``: ``--match-queries`` calls of ``MasterPatientIndex.match`` (in process)
