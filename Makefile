@@ -19,6 +19,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/hie db migrate
 	$(BIN)/hie demo --if-empty
+	@echo "A development bearer token (24 h; see README, Access control):"
+	@$(BIN)/hie token --role service --ttl 86400
 	$(BIN)/hie serve
 
 lint: $(STAMP)

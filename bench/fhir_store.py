@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from hie.demo import Generator  # noqa: E402
 from hie.fhir.service import FhirService  # noqa: E402
+from hie.hub.auth import DevTokenIssuer  # noqa: E402
 from hie.hub.settings import load_settings  # noqa: E402
 from hie.hub.store import open_resource_store  # noqa: E402
 from hie.hub.store.sql import now_us  # noqa: E402
@@ -57,6 +58,9 @@ def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     k = max(0, min(len(values) - 1, round(p / 100 * (len(values) - 1))))
     return values[k]
+
+
+AUTH: dict[str, dict[str, str]] = {}  # base URL → Authorization header of its hub
 
 
 @contextlib.contextmanager
@@ -81,6 +85,9 @@ def hub_server(data_dir: Path, database_url: str) -> Iterator[str]:
         stderr=open(data_dir / "serve.log", "ab"),  # noqa: SIM115
     )
     base = f"http://127.0.0.1:{port}"
+    # a service token signed with the development key of the hub's data dir
+    token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue("service", ttl=24 * 3600)
+    AUTH[base] = {"Authorization": f"Bearer {token}"}
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -159,7 +166,7 @@ def bench_ingest(base: str, clients: int, bundles_per_client: int, seed: int) ->
     gens = [Generator(seed + 1000 + i) for i in range(clients)]
     # a patient per client to attach the observations to
     refs = []
-    with httpx.Client(base_url=base, timeout=60) as c:
+    with httpx.Client(base_url=base, headers=AUTH[base], timeout=60) as c:
         for g in gens:
             r = c.post(
                 "/fhir/Patient", json=g.patient(), headers={"Content-Type": "application/fhir+json"}
@@ -175,7 +182,7 @@ def bench_ingest(base: str, clients: int, bundles_per_client: int, seed: int) ->
     lock = threading.Lock()
 
     def run(i: int) -> None:
-        with httpx.Client(base_url=base, timeout=120) as c:
+        with httpx.Client(base_url=base, headers=AUTH[base], timeout=120) as c:
             for body in payloads[i]:
                 t = time.perf_counter()
                 r = c.post("/fhir", content=body, headers={"Content-Type": "application/fhir+json"})
@@ -210,7 +217,7 @@ def bench_search(base: str, pids: list[str], queries: int, seed: int) -> dict[st
     codes = ["718-7", "14749-6", "6690-2", "1742-6", "777-3"]
     lat: list[float] = []
     hits = 0
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, headers=AUTH[base], timeout=30) as c:
         for i in range(queries + 20):
             pid = rng.choice(pids)
             code = rng.choice(codes)
@@ -236,7 +243,7 @@ def bench_everything(base: str, seed: int, runs: int) -> dict[str, float]:
     record = gen.patient_with_record(1000)
     from hie.demo.generator import as_transaction
 
-    with httpx.Client(base_url=base, timeout=120) as c:
+    with httpx.Client(base_url=base, headers=AUTH[base], timeout=120) as c:
         r = c.post(
             "/fhir", json=as_transaction(record), headers={"Content-Type": "application/fhir+json"}
         )

@@ -78,6 +78,7 @@ from sqlalchemy import text  # noqa: E402
 
 from hie.demo import Generator, as_transaction  # noqa: E402
 from hie.fhir.service import FhirService  # noqa: E402
+from hie.hub.auth import DevTokenIssuer  # noqa: E402
 from hie.hub.settings import Settings, load_settings  # noqa: E402
 from hie.hub.store import open_resource_store  # noqa: E402
 from hie.hub.store.port import ResourceStore  # noqa: E402
@@ -562,7 +563,8 @@ def http_match_latency(settings: Settings, items: list[Incoming]) -> dict[str, A
     app = create_app(settings, start_worker=False)
     lat: list[float] = []
     warm = min(20, len(items) // 10)
-    headers = {"Content-Type": "application/fhir+json"}
+    token = DevTokenIssuer(settings).issue("service")
+    headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}"}
     with TestClient(app, base_url="http://hub.bench") as client:
         for n, it in enumerate(items):
             body = {"resourceType": "Parameters", "parameter": [{"name": "resource"}]}

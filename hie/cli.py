@@ -187,6 +187,47 @@ def demo(
     typer.echo(f"loaded {sent} demo resources", err=True)
 
 
+@app.command()
+def token(
+    role: Annotated[
+        list[str],
+        typer.Option(help="Role: mis, clinician, radiologist, patient, official, admin, service."),
+    ],
+    org: Annotated[str | None, typer.Option(help="Organization id of the caller's MO.")] = None,
+    practitioner: Annotated[str | None, typer.Option(help="Practitioner id.")] = None,
+    patient: Annotated[str | None, typer.Option(help="Patient id (role patient).")] = None,
+    scope: Annotated[
+        str | None, typer.Option(help="SMART scopes (default: what the role uses).")
+    ] = None,
+    subject: Annotated[str | None, typer.Option(help="The token's sub.")] = None,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Print a development bearer token signed with the local key in the data dir
+    (refused when HIE_ENV=production: tokens come from the OIDC provider there)."""
+    from hie.hub.auth import DevTokenIssuer, DevTokensRefused
+
+    settings = _settings()
+    try:
+        issuer = DevTokenIssuer(settings)
+        typer.echo(
+            issuer.issue(
+                role,
+                org=org,
+                practitioner=practitioner,
+                patient=patient,
+                scope=scope,
+                subject=subject,
+                ttl=ttl,
+            )
+        )
+    except DevTokensRefused as exc:
+        typer.echo(f"refused: {exc.message}", err=True)
+        raise typer.Exit(3) from None
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @search_app.command("reindex")
 def search_reindex() -> None:
     """Rebuild the full-text index from the resource store (run while `hie serve` is stopped)."""

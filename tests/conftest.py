@@ -66,11 +66,13 @@ def client(store_url: str, settings_for):  # type: ignore[no-untyped-def]
 
     from hie.fhir.app import create_app
     from hie.hub.runtime import open_hub
+    from tests.fixtures.auth import bearer
 
     settings = settings_for(store_url, max_body_bytes=64 * 1024)
     hub = open_hub(settings)
     hub.store.migrate()
     app = create_app(settings, hub, start_worker=False)
-    with TestClient(app, base_url="http://hub.test") as c:
+    with TestClient(app, base_url="http://hub.test", headers=bearer(settings)) as c:
         c.hub = hub  # type: ignore[attr-defined]
+        c.settings = settings  # type: ignore[attr-defined]
         yield c

@@ -10,21 +10,25 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hie import __version__
-from hie.fhir.api import FhirApi, fhir_response
+from hie.fhir.api import FHIR_JSON, FhirApi, fhir_response
 from hie.fhir.indexing import SearchIndexer
 from hie.fhir.mpi_api import mpi_router
 from hie.fhir.service import FhirService, error_outcome, outcome
 from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
+from hie.hub.auth import TokenVerifier, Unauthenticated, current_principal
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import Settings
@@ -79,6 +83,62 @@ class RequestContext:
             if status >= 500:
                 log.error("request failed", method=scope["method"], route=path, status=status)
             hlog.request_id.reset(token)
+
+
+# Open without a token: the health probe, the CapabilityStatement (read by a client before it
+# has a token) and the portal's login page.
+OPEN_PATHS = frozenset({"/healthz", "/fhir/metadata", "/portal/login"})
+
+
+class Authenticate:
+    """ASGI middleware: every request but :data:`OPEN_PATHS` carries a bearer token that
+    verifies (:class:`hie.hub.auth.TokenVerifier`); its principal is set for the request
+    (``hie.hub.auth.current_principal``). A missing or bad token gets 401 with an
+    OperationOutcome and ``WWW-Authenticate`` (RFC 6750 §3)."""
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = None
+        for k, v in scope.get("headers", []):
+            if k == b"authorization":
+                header = v.decode("latin-1")
+        try:
+            principal = self.verifier.cached(header)
+            if principal is None:  # a signature check, or a JWKS fetch: off the event loop
+                principal = await run_in_threadpool(self.verifier.verify_header, header)
+        except Unauthenticated as exc:
+            log.info("auth.refused", path=scope["path"], reason=exc.message)
+            await _refuse(send, exc, "invalid_token" if header else None)
+            return
+        client = scope.get("client")
+        principal = replace(principal, source=client[0] if client else None)
+        scope.setdefault("state", {})["principal"] = principal
+        token = current_principal.set(principal)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_principal.reset(token)
+
+
+async def _refuse(send: Send, exc: HieError, error: str | None) -> None:
+    body = orjson.dumps(error_outcome(exc))
+    challenge = 'Bearer realm="hie"'
+    if error:
+        text = exc.message.replace('"', "'")
+        challenge += f', error="{error}", error_description="{text}"'
+    headers = [
+        (b"content-type", FHIR_JSON.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", challenge.encode("latin-1", "replace")),
+    ]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def app_from_env() -> FastAPI:
@@ -173,5 +233,7 @@ def create_app(
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))
     app.include_router(FhirApi(service, settings).router)
+    if settings.auth_enabled:
+        app.add_middleware(Authenticate, verifier=TokenVerifier(settings))
     app.add_middleware(RequestContext)
     return app

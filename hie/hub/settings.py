@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr = SecretStr(DEV_S3_SECRET)
     s3_secure: bool = False
     oidc_issuer: str = ""
+    oidc_audience: str = Field(default="hie-hub", description="the aud tokens must carry")
+    oidc_jwks_cache_seconds: float = 300.0
+    auth_clock_skew_seconds: int = Field(default=60, description="exp/nbf leeway (max 300)")
+    auth_enabled: bool = Field(
+        default=True,
+        description="require bearer tokens (false only for benchmarks; not in production)",
+    )
     base_url: str = ""
     max_body_bytes: int = Field(default=1 << 20, description="request body limit outside documents")
     max_document_bytes: int = Field(default=64 << 20, description="body limit for documents")
@@ -68,6 +75,8 @@ class Settings(BaseSettings):
                 raise ValueError("HIE_S3_SECRET_KEY must be set in production")
             if not self.oidc_issuer:
                 raise ValueError("HIE_OIDC_ISSUER must be set in production")
+            if not self.auth_enabled:
+                raise ValueError("HIE_AUTH_ENABLED=false is refused in production")
         return self
 
     @property

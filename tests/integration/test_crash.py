@@ -33,7 +33,9 @@ import pytest
 from sqlalchemy import text
 
 from hie.demo import Generator
+from hie.hub.settings import load_settings
 from hie.hub.store import open_resource_store
+from tests.fixtures.auth import bearer
 from tests.fixtures.postgres import free_port
 
 MARK = "urn:hie-test:crash"  # identifier system: one value per Patient/transaction write
@@ -54,6 +56,8 @@ class Server:
         self.base = ""
         self.log = data_dir.parent / "server.log"
         self.starts = 0
+        # the server verifies tokens with the development key of its data dir
+        self.auth = bearer(load_settings(data_dir=data_dir))
 
     def start(self) -> None:
         port = free_port()
@@ -161,12 +165,14 @@ def version_of(location: str) -> tuple[str, str, int]:
     return rtype, id, int(parts[1])
 
 
-def writer(base: str, seed: int, ledger: Ledger, stop: threading.Event) -> None:
+def writer(
+    base: str, auth: dict[str, str], seed: int, ledger: Ledger, stop: threading.Event
+) -> None:
     """Write until the server goes away (or ``stop``), recording what was acknowledged."""
     gen = Generator(seed)
     rng = random.Random(seed)
     mine: list[tuple[str, dict[str, Any]]] = []  # acknowledged Patients to update
-    with httpx.Client(base_url=base, timeout=30) as http:
+    with httpx.Client(base_url=base, timeout=30, headers=auth) as http:
         while not stop.is_set():
             marker = uuid.uuid4().hex
             roll = rng.random()
@@ -220,7 +226,7 @@ def write_until_killed(srv: Server, ledger: Ledger, round_no: int, rng: random.R
     acked_before = len(ledger.acked)
     threads = [
         threading.Thread(
-            target=writer, args=(srv.base, 1000 * round_no + i, ledger, stop), daemon=True
+            target=writer, args=(srv.base, srv.auth, 1000 * round_no + i, ledger, stop), daemon=True
         )
         for i in range(WRITERS)
     ]
@@ -346,7 +352,7 @@ def register_senders(srv: Server) -> None:
         "identifier": [patient_id_system_identifier(MARK)],
     }
     bundle = as_transaction([*Generator(1).city().resources(), org])
-    r = httpx.post(f"{srv.base}/fhir", json=bundle, headers=FJ, timeout=60)
+    r = httpx.post(f"{srv.base}/fhir", json=bundle, headers={**FJ, **srv.auth}, timeout=60)
     assert r.status_code == 200, r.text[:500]
 
 
@@ -366,7 +372,7 @@ def run_crash_rounds(tmp_path: Path, servers: list[Server], database_url: str | 
             assert ledger.failures == [], ledger.failures[:3]
             check_database(db_url)
             srv.start()
-            with httpx.Client(base_url=srv.base, timeout=30) as http:
+            with httpx.Client(base_url=srv.base, timeout=30, headers=srv.auth) as http:
                 check_acknowledged(http, ledger)
                 check_all_or_nothing(http, ledger)
         except BaseException:

@@ -26,6 +26,7 @@ from hie.fhir.searchparams import params_for, supported_types
 from hie.hub.runtime import open_hub
 from hie.hub.settings import load_settings
 from hie.registries.identifiers import format_snils, snils_check
+from tests.fixtures.auth import bearer
 
 FHIR_JSON = "application/fhir+json"
 FUZZ = settings(
@@ -55,7 +56,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     hub = open_hub(cfg)
     hub.store.migrate()
     app = create_app(cfg, hub, start_worker=False)
-    with TestClient(app, base_url="http://hub.test") as client:
+    with TestClient(app, base_url="http://hub.test", headers=bearer(cfg)) as client:
         _seed(client)
         yield client
 
