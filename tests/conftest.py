@@ -76,3 +76,13 @@ def client(store_url: str, settings_for):  # type: ignore[no-untyped-def]
         c.hub = hub  # type: ignore[attr-defined]
         c.settings = settings  # type: ignore[attr-defined]
         yield c
+
+
+@pytest.fixture
+def as_hub():  # type: ignore[no-untyped-def]
+    """Run the test's in-process service calls as the hub itself (HTTP calls carry their own
+    token): the app's FhirService refuses calls without a principal."""
+    from hie.hub.auth import HUB, acting_as
+
+    with acting_as(HUB) as p:
+        yield p

@@ -160,7 +160,12 @@ def create_app(
     hub = hub or open_hub(settings)
     if not hub.consumers and settings.search_url:
         hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
-    service = FhirService(hub.store, settings, search_index=lambda: hub.search_index)
+    service = FhirService(
+        hub.store,
+        settings,
+        search_index=lambda: hub.search_index,
+        require_principal=settings.auth_enabled,
+    )
     mpi = attach_mpi(service)
     run_worker = settings.worker if start_worker is None else start_worker
 

@@ -56,6 +56,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
 
     @router.post("/Patient/$match", summary="Patient $match (golden records)")
     async def match(request: Request) -> Response:
+        mpi.svc.operation("patient-match")
         body = await read_json_body(request, limit, what="a Parameters resource")
         if isinstance(body, dict) and body.get("resourceType") == "Patient":
             params: list[Json] = [{"name": "resource", "resource": body}]
@@ -96,6 +97,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
     @router.get("/Patient/$ihe-pix", summary="IHE PIXm ITI-83 cross-reference query")
     @router.post("/Patient/$ihe-pix", include_in_schema=False)
     async def pix(request: Request) -> Response:
+        mpi.svc.operation("patient-pix")
         items = query_items(request)
         if request.method == "POST":
             params = _params(await read_json_body(request, limit, what="a Parameters resource"))
@@ -162,6 +164,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
 
     @router.post("/Patient/$merge", summary="Patient $merge (HL7 ADT A40 equivalent)")
     async def merge(request: Request) -> Response:
+        mpi.svc.operation("patient-merge")
         params = _params(await read_json_body(request, limit, what="a Parameters resource"))
         preview = _bool(_param(params, "preview"), "preview")
         reason = (_param(params, "reason") or {}).get("valueString")
@@ -174,6 +177,7 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
 
     @router.post("/Patient/$unmerge", summary="Undo the latest merge of a patient")
     async def unmerge(request: Request) -> Response:
+        mpi.svc.operation("patient-merge")
         params = _params(await read_json_body(request, limit, what="a Parameters resource"))
         reason = (_param(params, "reason") or {}).get("valueString")
         source = await run_in_threadpool(resolve, params, "source")
@@ -183,7 +187,9 @@ def mpi_router(mpi: MasterPatientIndex, settings: Settings) -> APIRouter:
 
     @router.get("/Patient/{id}/$mpi-explain", summary="Why the index linked this patient")
     async def explain(id: str) -> Response:
-        await run_in_threadpool(mpi.svc.read, "Patient", id)
+        mpi.svc.operation("mpi-explain")
+        if await run_in_threadpool(mpi.svc.store.read, "Patient", id) is None:
+            raise NotFound(f"Patient/{id} is not known")
         entries = await run_in_threadpool(mpi.explain, id)
         return fhir_response(
             {"resourceType": "Parameters", "parameter": [_entry(e) for e in entries]}

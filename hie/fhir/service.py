@@ -31,6 +31,7 @@ from hie.fhir.search import (
     parse_search,
 )
 from hie.fhir.searchparams import PATIENT_COMPARTMENT, params_for
+from hie.hub.auth import Forbidden, current_principal
 from hie.hub.errors import (
     Gone,
     HieError,
@@ -42,6 +43,7 @@ from hie.hub.errors import (
     Unprocessable,
     VersionConflict,
 )
+from hie.hub.policy import EVERYTHING, AccessPolicy, Grant
 from hie.hub.search.port import SearchIndex
 from hie.hub.settings import Settings
 from hie.hub.store.port import (
@@ -171,11 +173,75 @@ class FhirService:
         store: ResourceStore,
         settings: Settings,
         search_index: Callable[[], SearchIndex] | None = None,
+        *,
+        require_principal: bool = False,
     ) -> None:
         self.store = store
         self.settings = settings
         self.search_index = search_index
         self.mpi: PatientWrites | None = None  # set by the app (hie.registries.patient_index)
+        self.policy = AccessPolicy(PATIENT_COMPARTMENT)
+        # The HTTP app sets this: a call without a principal is then refused rather than
+        # trusted. In-process callers (CLI, demo, adapters' own principal) leave it off.
+        self.require_principal = require_principal
+
+    # --- access control (hie.hub.policy decides; this applies it to the queries) -------------
+
+    def grant(self, resource_type: str | None, permission: str) -> Grant:
+        """The rows the current principal may ``permission`` (c r u d s) of
+        ``resource_type``; :class:`Forbidden` if none."""
+        p = current_principal.get()
+        if p is None:
+            if self.require_principal:
+                raise Forbidden("no authenticated principal for this call")
+            return EVERYTHING
+        return self.policy.grant(p, resource_type, permission)
+
+    def operation(self, name: str) -> None:
+        """Refuse the current principal an operation its roles may not run."""
+        p = current_principal.get()
+        if p is None:
+            if self.require_principal:
+                raise Forbidden("no authenticated principal for this call")
+            return
+        self.policy.operation(p, name)
+
+    def _require_visible(
+        self, stored: StoredResource, grant: Grant, tx: WriteTx | None = None
+    ) -> None:
+        """Refuse a single resource outside the rows ``grant`` allows (the same query a
+        search would run, so a read and a search never disagree)."""
+        if not grant.restricted:
+            return
+        q = Query(stored.resource_type, [IdCond((stored.id,)), *grant.conds], count=1)
+        found = (
+            tx.search_ids(q)
+            if tx is not None
+            else [(r.resource_type, r.id) for r in self.store.search(q).items]
+        )
+        if not found:
+            raise Forbidden(
+                f"{stored.resource_type}/{stored.id} is outside the records this principal "
+                "may access"
+            )
+
+    def _visible(self, items: list[StoredResource], permission: str = "r") -> list[StoredResource]:
+        """The resources of ``items`` the current principal may see (others dropped)."""
+        by_type: dict[str, list[StoredResource]] = {}
+        for r in items:
+            by_type.setdefault(r.resource_type, []).append(r)
+        keep: set[tuple[str, str]] = set()
+        for rtype, rs in by_type.items():
+            try:
+                grant = self.grant(rtype, permission)
+            except Forbidden:
+                continue
+            if not grant.restricted:
+                keep.update((rtype, r.id) for r in rs)
+                continue
+            q = Query(rtype, [IdCond(tuple(r.id for r in rs)), *grant.conds], count=len(rs))
+            keep.update((r.resource_type, r.id) for r in self.store.search(q).items)
+        return [r for r in items if (r.resource_type, r.id) in keep]
 
     # --- preparing versions ----------------------------------------------------------------
 
@@ -255,8 +321,12 @@ class FhirService:
         return WriteResult(stored, True, 201)
 
     def written(self, tx: WriteTx, res: Json | None, stored: StoredResource, when: int) -> None:
-        """After a client's write, inside its transaction: a source Patient goes through the
-        master patient index (``res`` is None for a deletion)."""
+        """After a client's write, inside its transaction: the principal's right to it (what
+        was written must lie in the rows it may write), then a source Patient goes through
+        the master patient index (``res`` is None for a deletion)."""
+        if res is not None:
+            grant = self.grant(stored.resource_type, "c" if stored.version == 1 else "u")
+            self._require_visible(stored, grant, tx)
         if stored.resource_type == "Patient" and self.mpi is not None:
             self.mpi.on_patient_written(tx, res, stored, when)
 
@@ -288,6 +358,7 @@ class FhirService:
         if not criteria:
             raise InvalidRequest("conditional criteria are empty")
         req = parse_search(resource_type, criteria, default_count=3, max_count=3)
+        req.query.conds.extend(self.grant(resource_type, "s").conds)
         if resource_type == "Patient":
             # a sender's conditional create/update/delete is about its own record, never the
             # golden record that carries the same identifier
@@ -297,16 +368,21 @@ class FhirService:
     def read(self, resource_type: str, id: str) -> StoredResource:
         """Current version; NotFound if never existed, Gone if deleted."""
         check_type(resource_type)
+        grant = self.grant(resource_type, "r")
         cur = self.store.read(resource_type, id)
         if cur is None:
             raise NotFound(f"{resource_type}/{id} is not known")
         if cur.deleted:
             raise Gone(f"{resource_type}/{id} was deleted (version {cur.version})")
+        self._require_visible(cur, grant)
         return cur
 
     def vread(self, resource_type: str, id: str, version: str) -> StoredResource:
         """A specific version; Gone for the version that is a deletion."""
         check_type(resource_type)
+        grant = self.grant(resource_type, "r")
+        if grant.restricted:  # the resource as it is now decides (a moved record is gone)
+            self.read(resource_type, id)
         if not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise NotFound(f"version {version!r} of {resource_type}/{id} does not exist")
         v = self.store.vread(resource_type, id, int(version))
@@ -350,6 +426,8 @@ class FhirService:
                 f"If-Match expected version {if_match} of {resource_type}/{id}, current is {have}"
             )
         _refuse_golden(cur)
+        if cur is not None and not cur.deleted:
+            self._require_visible(cur, self.grant(resource_type, "u"), tx)
         version = cur.version + 1 if cur else 1
         new = self.prepare(res, resource_type, id, version, when, method, validated=validated)
         stored = tx.write(new, version, when)
@@ -410,11 +488,13 @@ class FhirService:
     def _delete_in(
         self, tx: WriteTx, resource_type: str, id: str, when: int, *, internal: bool = False
     ) -> StoredResource | None:
+        grant = EVERYTHING if internal else self.grant(resource_type, "d")
         cur = tx.current(resource_type, id)
         if cur is None or cur.deleted:
             return cur
         if not internal:
             _refuse_golden(cur)
+            self._require_visible(cur, grant, tx)
         tomb = NewVersion(
             resource_type, id, None, extract({"resourceType": resource_type}), "DELETE"
         )
@@ -459,6 +539,7 @@ class FhirService:
         )
         if extra_conds:
             req.query.conds.extend(extra_conds)
+        req.query.conds.extend(self.grant(resource_type, "s").conds)
         if resource_type == "Patient" and not any(k.startswith(("_tag", "_id")) for k, _ in items):
             # MOs' records by default; golden records when asked for (PDQm over golden records:
             # _tag=https://hie.spb.ru/fhir/CodeSystem/mpi|golden) or by id
@@ -585,7 +666,7 @@ class FhirService:
             out.extend(r for r in found if (r.resource_type, r.id) not in seen)
             seen.update((r.resource_type, r.id) for r in found)
         unique = {(r.resource_type, r.id): r for r in out}
-        return [self._entry(base, r, "include", None) for r in unique.values()]
+        return [self._entry(base, r, "include", None) for r in self._visible(list(unique.values()))]
 
     # --- history ---------------------------------------------------------------------------
 
@@ -599,8 +680,17 @@ class FhirService:
         """A history Bundle (newest first) at instance, type or system level."""
         if resource_type is not None:
             check_type(resource_type)
-        if id is not None and self.store.read(resource_type or "", id) is None:
-            raise NotFound(f"{resource_type}/{id} is not known")
+        grant = self.grant(resource_type, "r")
+        if id is not None:
+            cur = self.store.read(resource_type or "", id)
+            if cur is None:
+                raise NotFound(f"{resource_type}/{id} is not known")
+            self._require_visible(cur, grant)
+        elif grant.restricted:
+            raise Forbidden(
+                "history across records is not available to this principal; read the history "
+                "of each of your resources, or search with _lastUpdated"
+            )
         since = None
         count = self.settings.page_size
         before = None
@@ -654,6 +744,7 @@ class FhirService:
         """``Patient/{id}/$everything``: the compartment plus what it references."""
         self.read("Patient", id)
         conds: list[Any] = [CompartmentCond("Patient", (id,), PATIENT_COMPARTMENT, expand=True)]
+        conds.extend(self.grant(None, "s").conds)
         q = Query(None, conds, count=self.settings.page_size)
         for key, value in items:
             if key == "_since":
@@ -677,7 +768,8 @@ class FhirService:
             for t in self.store.references_from(rids, None)
             if t[0] not in _COMPARTMENT_TYPES and t not in seen
         ]
-        entries.extend(self._entry(base, r, "include", None) for r in self.store.read_many(refs))
+        included = self._visible(self.store.read_many(refs))
+        entries.extend(self._entry(base, r, "include", None) for r in included)
         path = f"/Patient/{id}/$everything"
         links = [{"relation": "self", "url": self._url(base, path, items)}]
         if page.next_after is not None:

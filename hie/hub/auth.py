@@ -22,6 +22,7 @@ What a principal may then do is the policy's business (:mod:`hie.hub.policy`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -30,7 +31,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,25 @@ class Principal:
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "hie_principal", default=None
 )
+
+# The hub itself, for in-process work on a service that requires a principal (maintenance
+# jobs, tests of the FHIR service): the trusted ``service`` role.
+HUB = Principal(
+    subject="hie-hub",
+    roles=frozenset({"service"}),
+    scopes=(Scope("system", "*", frozenset(PERMISSIONS)),),
+    issuer="internal",
+)
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[Principal]:
+    """Run the enclosed code as ``principal`` (what the HTTP middleware does per request)."""
+    token = current_principal.set(principal)
+    try:
+        yield principal
+    finally:
+        current_principal.reset(token)
 
 
 def _claim_roles(claims: dict[str, Any], client_id: str | None) -> frozenset[str]:

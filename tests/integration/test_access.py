@@ -4,6 +4,7 @@ the discovery documents open, refusals as OperationOutcome with ``WWW-Authentica
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jwt
 import pytest
@@ -65,3 +66,288 @@ def test_bad_tokens_say_why(client) -> None:  # type: ignore[no-untyped-def]
 def test_a_good_token_is_served(client) -> None:  # type: ignore[no-untyped-def]
     r = client.get("/fhir/Organization", headers=bearer(client.settings, "admin"))
     assert r.status_code == 200 and r.json()["resourceType"] == "Bundle"
+
+
+# --- the policy over HTTP: patient A may never see patient B -----------------------------------
+
+GOLDEN = "https://hie.spb.ru/fhir/CodeSystem/mpi|golden"
+
+
+def _post(client, res: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    r = client.post(f"/fhir/{res['resourceType']}", json=res, headers=FJ)
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _person(family: str, given: str, birth: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "name": [{"family": family, "given": [given]}],
+        "birthDate": birth,
+        "gender": "female",
+    }
+
+
+def _obs(pid: str, value: float, performer: str | None = None) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "valueQuantity": {"value": value, "unit": "g/L"},
+    }
+    if performer:
+        res["performer"] = [{"reference": f"Practitioner/{performer}"}]
+    return res
+
+
+def _consent(pid: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{pid}"},
+    }
+
+
+@pytest.fixture
+def city(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Two people with records (written by the hub's service role) and a practitioner."""
+    pr = _post(client, {"resourceType": "Practitioner", "name": [{"family": "Врачёва"}]})
+    a = _post(client, _person("Смирнова", "Ольга", "1980-01-02"))
+    b = _post(client, _person("Кузнецова", "Мария", "1975-05-06"))
+    golden = {}
+    for who, p in (("a", a), ("b", b)):
+        found = client.get(f"/fhir/Patient?_tag={GOLDEN}&link=Patient/{p['id']}").json()
+        golden[who] = found["entry"][0]["resource"]["id"]
+    obs_a = [_post(client, _obs(a["id"], 120 + i, pr["id"]))["id"] for i in range(3)]
+    obs_b = [_post(client, _obs(b["id"], 90 + i, pr["id"]))["id"] for i in range(2)]
+    consent_b = _post(client, _consent(b["id"]))["id"]
+    return {
+        "a": a["id"],
+        "b": b["id"],
+        "golden_a": golden["a"],
+        "golden_b": golden["b"],
+        "obs_a": obs_a,
+        "obs_b": obs_b,
+        "consent_b": consent_b,
+        "practitioner": pr["id"],
+    }
+
+
+def _as(client, role: str, **claims: Any) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return bearer(client.settings, role, **claims)
+
+
+def _ids(bundle: dict[str, Any], rtype: str | None = None) -> set[str]:
+    return {
+        e["resource"]["id"]
+        for e in bundle.get("entry", [])
+        if e.get("search", {}).get("mode") != "outcome"
+        and (rtype is None or e["resource"]["resourceType"] == rtype)
+    }
+
+
+def test_patient_reads_own_records_by_golden_or_source_id(client, city) -> None:  # type: ignore[no-untyped-def]
+    for pid in (city["golden_a"], city["a"]):
+        me = _as(client, "patient", patient=pid)
+        r = client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=me)
+        assert r.status_code == 200, r.text
+        found = client.get("/fhir/Observation?_total=accurate", headers=me).json()
+        assert _ids(found) == set(city["obs_a"]) and found["total"] == 3
+        assert client.get(f"/fhir/Patient/{city['a']}", headers=me).status_code == 200
+
+
+def test_patient_a_cannot_reach_patient_b_any_way(client, city) -> None:  # type: ignore[no-untyped-def]
+    me = _as(client, "patient", patient=city["golden_a"])
+    b, obs_b = city["b"], city["obs_b"][0]
+    # by id
+    for path in (
+        f"/fhir/Observation/{obs_b}",
+        f"/fhir/Observation/{obs_b}/_history/1",
+        f"/fhir/Observation/{obs_b}/_history",
+        f"/fhir/Patient/{b}",
+        f"/fhir/Patient/{city['golden_b']}",
+        f"/fhir/Patient/{b}/$everything",
+        f"/fhir/Consent/{city['consent_b']}",
+    ):
+        r = client.get(path, headers=me)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert r.json()["issue"][0]["code"] == "forbidden"
+    # by search, chained search, _include, _revinclude, _id
+    for query in (
+        f"/fhir/Observation?subject=Patient/{b}",
+        f"/fhir/Observation?patient={city['golden_b']}",
+        "/fhir/Observation?subject:Patient.name=Кузнецова",
+        f"/fhir/Observation?_id={obs_b}",
+        "/fhir/Patient?name=Кузнецова",
+        f"/fhir/Patient?_id={b}",
+        f"/fhir/Patient?_tag={GOLDEN}",
+        f"/fhir/Consent?patient={b}",
+    ):
+        found = client.get(query, headers=me).json()
+        assert found["resourceType"] == "Bundle", (query, found)
+        leaked = _ids(found) & {b, city["golden_b"], obs_b, *city["obs_b"], city["consent_b"]}
+        assert not leaked, (query, leaked)
+    # an _include from own rows reaches only what the patient may see
+    inc = client.get(
+        "/fhir/Observation?_include=Observation:subject&_include=Observation:performer",
+        headers=me,
+    ).json()
+    assert _ids(inc, "Patient") == {city["a"]}
+    assert _ids(inc, "Practitioner") == {city["practitioner"]}
+    rev = client.get("/fhir/Patient?_revinclude=Observation:subject", headers=me).json()
+    assert _ids(rev, "Observation") == set(city["obs_a"])
+    # history across records
+    for path in ("/fhir/Observation/_history", "/fhir/_history"):
+        assert client.get(path, headers=me).status_code == 403
+
+
+def test_paging_counts_only_visible_rows(client, city) -> None:  # type: ignore[no-untyped-def]
+    me = _as(client, "patient", patient=city["golden_a"])
+    seen: list[str] = []
+    url: str | None = "/fhir/Observation?_count=2&_total=accurate"
+    while url:
+        page = client.get(url, headers=me).json()
+        assert page["total"] == 3
+        seen.extend(_ids(page))
+        url = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
+        if url:
+            url = url.split("hub.test", 1)[-1]
+    assert sorted(seen) == sorted(city["obs_a"])
+
+
+def test_patient_everything_is_only_their_own(client, city) -> None:  # type: ignore[no-untyped-def]
+    me = _as(client, "patient", patient=city["golden_a"])
+    r = client.get(f"/fhir/Patient/{city['golden_a']}/$everything", headers=me)
+    assert r.status_code == 200
+    ids = _ids(r.json())
+    assert set(city["obs_a"]) <= ids
+    assert not ids & {city["b"], *city["obs_b"], city["consent_b"]}
+
+
+def test_patient_writes_only_their_consent(client, city) -> None:  # type: ignore[no-untyped-def]
+    me = {**FJ, **_as(client, "patient", patient=city["golden_a"])}
+    r = client.post("/fhir/Consent", json=_consent(city["a"]), headers=me)
+    assert r.status_code == 201, r.text
+    own = r.json()["id"]
+    r = client.post("/fhir/Consent", json=_consent(city["b"]), headers=me)
+    assert r.status_code == 403
+    # overwriting B's Consent under its id, even pointing it at A, is refused
+    body = {**_consent(city["a"]), "id": city["consent_b"]}
+    r = client.put(f"/fhir/Consent/{city['consent_b']}", json=body, headers=me)
+    assert r.status_code == 403
+    assert client.delete(f"/fhir/Consent/{city['consent_b']}", headers=me).status_code == 403
+    # a clinical write is not a patient's to make
+    r = client.post("/fhir/Observation", json=_obs(city["a"], 1.0), headers=me)
+    assert r.status_code == 403
+    # nor smuggled in a transaction
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": _consent(city["b"]), "request": {"method": "POST", "url": "Consent"}}
+        ],
+    }
+    assert client.post("/fhir", json=bundle, headers=me).status_code == 403
+    # nothing of the refused writes landed
+    mine = client.get("/fhir/Consent", headers=me).json()
+    assert _ids(mine) == {own}
+    assert client.get(f"/fhir/Consent/{city['consent_b']}").json()["patient"]["reference"] == (
+        f"Patient/{city['b']}"
+    )
+
+
+def test_official_gets_no_rows(client, city) -> None:  # type: ignore[no-untyped-def]
+    off = _as(client, "official")
+    for path in (
+        "/fhir/Observation",
+        f"/fhir/Observation/{city['obs_a'][0]}",
+        "/fhir/Patient",
+        f"/fhir/Patient/{city['golden_a']}/$everything",
+        "/fhir/_history",
+    ):
+        assert client.get(path, headers=off).status_code == 403, path
+    assert client.get("/fhir/Organization", headers=off).status_code == 200
+
+
+def test_admin_runs_registries_not_clinical_reads(client, city) -> None:  # type: ignore[no-untyped-def]
+    adm = {**FJ, **_as(client, "admin")}
+    assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=adm).status_code == 403
+    assert client.get("/fhir/Patient", headers=adm).status_code == 403
+    org = {"resourceType": "Organization", "name": "Поликлиника 99"}
+    assert client.post("/fhir/Organization", json=org, headers=adm).status_code == 201
+
+
+def test_the_audit_trail_is_append_only_for_everyone(client) -> None:  # type: ignore[no-untyped-def]
+    event = {
+        "resourceType": "AuditEvent",
+        "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110110"},
+        "recorded": "2026-01-01T00:00:00Z",
+        "agent": [{"requestor": True, "who": {"display": "x"}}],
+        "source": {"observer": {"display": "hub"}},
+    }
+    for role in ("service", "admin", "mis"):
+        h = {**FJ, **_as(client, role)}
+        assert client.post("/fhir/AuditEvent", json=event, headers=h).status_code == 403, role
+        assert (
+            client.put("/fhir/AuditEvent/x", json={**event, "id": "x"}, headers=h).status_code
+            == 403
+        )
+        assert client.delete("/fhir/AuditEvent/x", headers=h).status_code == 403
+
+
+def test_scopes_narrow_the_role(client, city) -> None:  # type: ignore[no-untyped-def]
+    only_obs = _as(client, "clinician", scope="user/Observation.rs")
+    assert client.get("/fhir/Observation", headers=only_obs).status_code == 200
+    assert client.get("/fhir/Condition", headers=only_obs).status_code == 403
+    assert client.get("/fhir/Patient", headers=only_obs).status_code == 403
+    # a clinician app launched for one patient (patient/ scopes) sees that patient only
+    launched = _as(client, "clinician", scope="patient/*.rs", patient=city["golden_b"])
+    found = client.get("/fhir/Observation", headers=launched).json()
+    assert _ids(found) == set(city["obs_b"])
+    no_context = _as(client, "clinician", scope="patient/*.rs")
+    assert client.get("/fhir/Observation", headers=no_context).status_code == 403
+
+
+def test_mpi_operations_follow_the_table(client, city) -> None:  # type: ignore[no-untyped-def]
+    params = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "resource", "resource": _person("Смирнова", "Ольга", "1980-01-02")}],
+    }
+    for role, status in (("clinician", 200), ("patient", 403), ("official", 403), ("admin", 403)):
+        h = {**FJ, **_as(client, role, patient=city["golden_a"] if role == "patient" else None)}
+        r = client.post("/fhir/Patient/$match", json=params, headers=h)
+        assert r.status_code == status, (role, r.text)
+    explain = f"/fhir/Patient/{city['a']}/$mpi-explain"
+    assert client.get(explain, headers=_as(client, "admin")).status_code == 200
+    assert client.get(explain, headers=_as(client, "clinician")).status_code == 403
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "name=' OR '1'='1",
+        "name=%25",
+        'name:exact=x"; DROP TABLE resources; --',
+        "_id=' OR 1=1 --",
+        "identifier=a|b' UNION SELECT * FROM resources --",
+        "_sort=name;DROP TABLE resources",
+    ],
+)
+def test_injection_through_search_parameters_finds_nothing_extra(client, city, query: str) -> None:  # type: ignore[no-untyped-def]
+    me = _as(client, "patient", patient=city["golden_a"])
+    r = client.get(f"/fhir/Patient?{query}", headers=me)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        assert not _ids(r.json()) & {city["b"], city["golden_b"]}
+    # the store is intact
+    assert client.get(f"/fhir/Patient/{city['b']}").status_code == 200

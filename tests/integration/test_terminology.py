@@ -590,7 +590,7 @@ def test_check_code_accepts_and_flags_unknown_codes(tx) -> None:  # type: ignore
     assert 'hie_unknown_codes_total{system="http://loinc.org"}' in metrics
 
 
-def test_the_cache_loads_a_code_system_once_per_version(tx) -> None:  # type: ignore[no-untyped-def]
+def test_the_cache_loads_a_code_system_once_per_version(tx, as_hub) -> None:  # type: ignore[no-untyped-def]
     svc: FhirService = tx.app.state.fhir
     store = svc.store
     term = Terminology(store)
