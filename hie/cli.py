@@ -228,6 +228,32 @@ def token(
         raise typer.Exit(2) from None
 
 
+audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Walk the audit trail's hash chain; exit 1 at the first record changed, removed or
+    moved (its position is printed)."""
+    from hie.hub.audit import open_audit_log
+
+    settings = _settings()
+    trail = open_audit_log(settings.database_url, settings.audit_url)
+    trail.migrate()
+    result = trail.verify()
+    trail.close()
+    if result.ok:
+        typer.echo(f"audit trail intact: {result.checked} records")
+        return
+    typer.echo(
+        f"audit trail BROKEN at record {result.first_bad}: {result.problem} "
+        f"({result.checked} records before it are intact)",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
 @search_app.command("reindex")
 def search_reindex() -> None:
     """Rebuild the full-text index from the resource store (run while `hie serve` is stopped)."""

@@ -23,12 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hie import __version__
 from hie.fhir.api import FHIR_JSON, FhirApi, fhir_response
+from hie.fhir.audit_api import audit_router
 from hie.fhir.indexing import SearchIndexer
 from hie.fhir.mpi_api import mpi_router
 from hie.fhir.service import FhirService, error_outcome, outcome
 from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
-from hie.hub.auth import TokenVerifier, Unauthenticated, current_principal
+from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access
+from hie.hub.auth import Principal, TokenVerifier, Unauthenticated, current_principal
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import Settings
@@ -114,6 +116,9 @@ class Authenticate:
                 principal = await run_in_threadpool(self.verifier.verify_header, header)
         except Unauthenticated as exc:
             log.info("auth.refused", path=scope["path"], reason=exc.message)
+            note = current_access.get()
+            if note is not None:
+                note.reason = exc.message
             await _refuse(send, exc, "invalid_token" if header else None)
             return
         client = scope.get("client")
@@ -126,19 +131,95 @@ class Authenticate:
             current_principal.reset(token)
 
 
-async def _refuse(send: Send, exc: HieError, error: str | None) -> None:
+async def _refuse(send: Send, exc: HieError, error: str | None, *, challenge: bool = True) -> None:
     body = orjson.dumps(error_outcome(exc))
-    challenge = 'Bearer realm="hie"'
-    if error:
-        text = exc.message.replace('"', "'")
-        challenge += f', error="{error}", error_description="{text}"'
     headers = [
         (b"content-type", FHIR_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", challenge.encode("latin-1", "replace")),
     ]
+    if challenge:
+        text = 'Bearer realm="hie"'
+        if error:
+            why = exc.message.replace('"', "'")
+            text += f', error="{error}", error_description="{why}"'
+        headers.append((b"www-authenticate", text.encode("latin-1", "replace")))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# Not audited unless refused: health, metrics, discovery and API docs carry no patient data.
+UNAUDITED = OPEN_PATHS | {"/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+_ACTIONS = {"GET": ("R", "read"), "HEAD": ("R", "read"), "POST": ("C", "create")}
+_ACTIONS |= {"PUT": ("U", "update"), "PATCH": ("U", "patch"), "DELETE": ("D", "delete")}
+
+
+class AuditTrail:
+    """ASGI middleware: every request leaves one record in the audit trail, committed before
+    its response starts (:mod:`hie.hub.audit`). If the trail cannot be written the caller
+    gets 503 instead of the answer: nothing is served unaudited."""
+
+    def __init__(self, app: ASGIApp, trail: SqlAuditLog) -> None:
+        self.app = app
+        self.trail = trail
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        note = AccessNote()
+        token = current_access.set(note)
+        dropped = False
+
+        async def send_audited(message: Message) -> None:
+            nonlocal dropped
+            if dropped:
+                return
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400 or scope["path"] not in UNAUDITED:
+                    rec = _audit_record(scope, note, status)
+                    try:
+                        await run_in_threadpool(self.trail.append, rec)
+                    except HieError as exc:
+                        dropped = True
+                        await _refuse(send, exc, None, challenge=False)
+                        return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_audited)
+        finally:
+            current_access.reset(token)
+
+
+def _audit_record(scope: Scope, note: AccessNote, status: int) -> AuditRecord:
+    principal: Principal | None = scope.get("state", {}).get("principal")
+    method = scope["method"]
+    action, subtype = _ACTIONS.get(method, ("E", method.lower()))
+    qs = scope.get("query_string", b"").decode("latin-1")
+    path = scope["path"] + (f"?{qs}" if qs else "")
+    client = scope.get("client")
+    return AuditRecord(
+        action=note.action or action,
+        subtype=note.subtype or subtype,
+        outcome=0 if status < 400 else (4 if status < 500 else 8),
+        status=status,
+        method=method,
+        path=path[:2000],
+        agent=principal.subject if principal else None,
+        roles=sorted(principal.roles) if principal else [],
+        org=principal.org if principal else None,
+        practitioner=principal.practitioner if principal else None,
+        client_id=principal.client_id if principal else None,
+        on_behalf_of=principal.patient if principal else None,
+        source=client[0] if client else None,
+        purpose=note.purpose,
+        reason=note.reason,
+        patients=list(note.patients),
+        entities=list(note.entities),
+        entities_more=note.more,
+        request_id=hlog.request_id.get() or None,
+    )
 
 
 def app_from_env() -> FastAPI:
@@ -165,6 +246,7 @@ def create_app(
         settings,
         search_index=lambda: hub.search_index,
         require_principal=settings.auth_enabled,
+        trail=hub.audit,
     )
     mpi = attach_mpi(service)
     run_worker = settings.worker if start_worker is None else start_worker
@@ -235,10 +317,12 @@ def create_app(
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
+    app.include_router(audit_router(service, hub.audit, settings))
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))
     app.include_router(FhirApi(service, settings).router)
     if settings.auth_enabled:
         app.add_middleware(Authenticate, verifier=TokenVerifier(settings))
+        app.add_middleware(AuditTrail, trail=hub.audit)  # outside: it sees refusals too
     app.add_middleware(RequestContext)
     return app

@@ -12,7 +12,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlencode
@@ -31,6 +31,7 @@ from hie.fhir.search import (
     parse_search,
 )
 from hie.fhir.searchparams import PATIENT_COMPARTMENT, params_for
+from hie.hub.audit import SqlAuditLog, current_access, note_access
 from hie.hub.auth import Forbidden, current_principal
 from hie.hub.errors import (
     Gone,
@@ -175,6 +176,7 @@ class FhirService:
         search_index: Callable[[], SearchIndex] | None = None,
         *,
         require_principal: bool = False,
+        trail: SqlAuditLog | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -184,6 +186,7 @@ class FhirService:
         # The HTTP app sets this: a call without a principal is then refused rather than
         # trusted. In-process callers (CLI, demo, adapters' own principal) leave it off.
         self.require_principal = require_principal
+        self.trail = trail  # the audit trail, for events the hub records itself (merges)
 
     # --- access control (hie.hub.policy decides; this applies it to the queries) -------------
 
@@ -224,6 +227,24 @@ class FhirService:
                 f"{stored.resource_type}/{stored.id} is outside the records this principal "
                 "may access"
             )
+
+    def _note(self, items: Sequence[StoredResource], subtype: str, action: str = "R") -> None:
+        """Tell the request's audit record what it returned: the resources, and the patients
+        they are about (through the Patient compartment's references)."""
+        if current_access.get() is None:
+            return
+        patients = [r.id for r in items if r.resource_type == "Patient"]
+        rids = [r.rid for r in items if r.resource_type != "Patient" and r.rid is not None]
+        if rids:
+            patients += [
+                i for t, i in self.store.references_from(rids, _PATIENT_LINKS) if t == "Patient"
+            ]
+        note_access(
+            subtype,
+            action=action,
+            entities=[f"{r.resource_type}/{r.id}" for r in items],
+            patients=patients,
+        )
 
     def _visible(self, items: list[StoredResource], permission: str = "r") -> list[StoredResource]:
         """The resources of ``items`` the current principal may see (others dropped)."""
@@ -327,6 +348,10 @@ class FhirService:
         if res is not None:
             grant = self.grant(stored.resource_type, "c" if stored.version == 1 else "u")
             self._require_visible(stored, grant, tx)
+        note_access(
+            entities=[f"{stored.resource_type}/{stored.id}"],
+            patients=_patients_in(res, stored),
+        )
         if stored.resource_type == "Patient" and self.mpi is not None:
             self.mpi.on_patient_written(tx, res, stored, when)
 
@@ -375,6 +400,7 @@ class FhirService:
         if cur.deleted:
             raise Gone(f"{resource_type}/{id} was deleted (version {cur.version})")
         self._require_visible(cur, grant)
+        self._note([cur], "read")
         return cur
 
     def vread(self, resource_type: str, id: str, version: str) -> StoredResource:
@@ -390,6 +416,7 @@ class FhirService:
             raise NotFound(f"version {version} of {resource_type}/{id} does not exist")
         if v.deleted:
             raise Gone(f"version {version} of {resource_type}/{id} is a deletion")
+        self._note([v], "vread")
         return v
 
     def update(
@@ -599,6 +626,7 @@ class FhirService:
         if req.summary == "count":
             q.count = 0
         page = self.store.search(q)
+        self._note(page.items, "search")
         entries: list[Json] = [self._entry(base, r, "match", req) for r in page.items]
         if page.items:
             entries.extend(self._includes(base, page.items, req))
@@ -666,7 +694,9 @@ class FhirService:
             out.extend(r for r in found if (r.resource_type, r.id) not in seen)
             seen.update((r.resource_type, r.id) for r in found)
         unique = {(r.resource_type, r.id): r for r in out}
-        return [self._entry(base, r, "include", None) for r in self._visible(list(unique.values()))]
+        shown = self._visible(list(unique.values()))
+        self._note(shown, "search")
+        return [self._entry(base, r, "include", None) for r in shown]
 
     # --- history ---------------------------------------------------------------------------
 
@@ -705,6 +735,12 @@ class FhirService:
                 raise InvalidRequest(f"parameter {key!r} is not supported on _history")
         versions, more = self.store.history(
             resource_type, id, since=since, count=count, before_seq=before
+        )
+        note_access(
+            "history",
+            action="R",
+            entities=[f"{v.resource_type}/{v.id}" for v in versions],
+            patients=[v.id for v in versions if v.resource_type == "Patient"],
         )
         path = "/".join(p for p in (resource_type, id) if p)
         path = f"/{path}/_history" if path else "/_history"
@@ -760,6 +796,8 @@ class FhirService:
             elif key not in ("_format", "_pretty", "start", "end"):
                 raise InvalidRequest(f"parameter {key!r} is not supported on $everything")
         page = self.store.search(q)
+        self._note(page.items, "everything")
+        note_access(patients=[id])
         entries = [self._entry(base, r, "match", None) for r in page.items]
         rids = [r.rid for r in page.items]
         seen = {(r.resource_type, r.id) for r in page.items}
@@ -807,6 +845,22 @@ class FhirService:
         from hie.fhir.bundles import run_batch
 
         return run_batch(self, bundle, base)
+
+
+_PATIENT_LINKS = tuple((t, p) for t, p in PATIENT_COMPARTMENT if t != "Patient")
+_PATIENT_FIELDS = ("subject", "patient", "beneficiary", "for")
+
+
+def _patients_in(res: Json | None, stored: StoredResource) -> list[str]:
+    """The patients a written resource is about (for the audit record)."""
+    if stored.resource_type == "Patient":
+        return [stored.id]
+    out = []
+    for name in _PATIENT_FIELDS:
+        ref = (res or {}).get(name)
+        if isinstance(ref, dict) and str(ref.get("reference", "")).startswith("Patient/"):
+            out.append(str(ref["reference"]).removeprefix("Patient/"))
+    return out
 
 
 def _refuse_golden(cur: StoredResource | None) -> None:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from functools import cached_property
 
+from hie.hub.audit import SqlAuditLog, open_audit_log
 from hie.hub.blobs.port import BlobStore, open_blob_store
 from hie.hub.outbox import Consumer, OutboxWorker
 from hie.hub.search.port import SearchIndex, open_search_index
@@ -32,6 +33,13 @@ class Hub:
         return open_resource_store(
             self.settings.database_url, sqlite_synchronous=self.settings.sqlite_synchronous
         )
+
+    @cached_property
+    def audit(self) -> SqlAuditLog:
+        """The audit trail (its tables are created on first use)."""
+        trail = open_audit_log(self.settings.database_url, self.settings.audit_url)
+        trail.migrate()
+        return trail
 
     @cached_property
     def blobs(self) -> BlobStore:
@@ -65,7 +73,7 @@ class Hub:
         """Stop the worker and release every opened engine."""
         if self._worker is not None:
             self._worker.stop()
-        for name in ("search_index", "blobs", "store"):
+        for name in ("search_index", "blobs", "audit", "store"):
             if name in self.__dict__:
                 self.__dict__[name].close()
 

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     oidc_audience: str = Field(default="hie-hub", description="the aud tokens must carry")
     oidc_jwks_cache_seconds: float = 300.0
     auth_clock_skew_seconds: int = Field(default=60, description="exp/nbf leeway (max 300)")
+    audit_url: str = Field(
+        default="", description="audit trail database (default: audit.db beside a SQLite store)"
+    )
     auth_enabled: bool = Field(
         default=True,
         description="require bearer tokens (false only for benchmarks; not in production)",

@@ -44,6 +44,8 @@ from hie.fhir.service import (
     is_golden,
     new_id,
 )
+from hie.hub.audit import AuditRecord
+from hie.hub.auth import current_principal
 from hie.hub.errors import HieError, InvalidRequest, InvalidResource, NotFound, Unprocessable
 from hie.hub.logging import get_logger
 from hie.hub.store.port import IdentityIndex, StoredResource, TokenCond, WriteTx
@@ -502,6 +504,8 @@ class MasterPatientIndex:
         except _Preview:
             pass
         assert outcome is not None
+        if not preview and not outcome.already:  # recorded once committed, never a preview
+            self._audit("merge", source, target, reason, agent, when)
         return outcome
 
     def _merge_in(
@@ -567,7 +571,6 @@ class MasterPatientIndex:
         for gid in dict.fromkeys((g_src, g_tgt)):
             self.refresh_golden(tx, gid, when)
         self._journal(idx, source, g_tgt, "merge", body, when)
-        self._audit(tx, "merge", source, target, reason, agent, when)
         log.info("mpi.merge", kind=kind, moved=len(moved))
         return MergeOutcome(source, target, kind, moved, result=tx.current(P, g_tgt))
 
@@ -621,14 +624,15 @@ class MasterPatientIndex:
             if reason:
                 out["reason"] = reason
             self._journal(idx, source, g_src, "unmerge", out, when)
-            self._audit(tx, "unmerge", source, str(body.get("target")), reason, agent, when)
-            return MergeOutcome(
+            undone = MergeOutcome(
                 source,
                 str(body.get("target")),
                 body.get("kind", "golden"),
                 back,
                 result=tx.current(P, g_src),
             )
+        self._audit("unmerge", source, undone.target, reason, agent, when)
+        return undone
 
     def _existing(self, tx: WriteTx, id: str, what: str) -> StoredResource:
         cur = tx.current(P, id)
@@ -652,7 +656,6 @@ class MasterPatientIndex:
 
     def _audit(
         self,
-        tx: WriteTx,
         action: str,
         source: str,
         target: str,
@@ -660,44 +663,29 @@ class MasterPatientIndex:
         agent: str | None,
         when: int,
     ) -> None:
-        event: Json = {
-            "resourceType": "AuditEvent",
-            "type": {
-                "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
-                "code": "rest",
-                "display": "RESTful Operation",
-            },
-            "subtype": [{"system": MPI_SYSTEM, "code": action}],
-            "action": "U",
-            "recorded": format_instant(when),
-            "outcome": "0",
-            "agent": [
-                {
-                    "who": {"display": agent or "hub"},
-                    "requestor": True,
-                }
-            ],
-            "source": {"observer": {"display": "HIE hub master patient index"}},
-            "entity": [
-                {
-                    "what": {"reference": f"Patient/{source}"},
-                    "role": {
-                        "code": "1",
-                        "system": "http://terminology.hl7.org/CodeSystem/object-role",
-                    },
-                },
-                {
-                    "what": {"reference": f"Patient/{target}"},
-                    "role": {
-                        "code": "1",
-                        "system": "http://terminology.hl7.org/CodeSystem/object-role",
-                    },
-                },
-            ],
-        }
-        if reason:
-            event["purposeOfEvent"] = [{"text": reason}]
-        self.svc.write_internal(tx, event, "AuditEvent", new_id(), when, fresh=True)
+        """One record in the audit trail for a merge or unmerge (besides the record of the
+        request that asked for it, if any): the two patients, who, why."""
+        if self.svc.trail is None:
+            log.warning("mpi.audit.no-trail", action=action, source=source, target=target)
+            return
+        p = current_principal.get()
+        self.svc.trail.append(
+            AuditRecord(
+                action="U",
+                subtype=action,
+                outcome=0,
+                status=200,
+                method="",
+                path=f"mpi:{action}",
+                agent=p.subject if p else agent or "hub",
+                roles=sorted(p.roles) if p else [],
+                org=p.org if p else None,
+                reason=f"{agent or 'hub'}: {reason}" if reason else agent,
+                patients=[source, target],
+                entities=[f"Patient/{source}", f"Patient/{target}"],
+                recorded=when,
+            )
+        )
 
     # --- explanation ---------------------------------------------------------------------------
 

@@ -120,6 +120,10 @@ def test_one_typo_keeps_the_first_letter_of_the_key(name: str, seed: int) -> Non
     if typo is None:
         return
     a, b = matching_key(name), matching_key(typo)
+    # a typo in the second letter may join it with the first into one sound of the key
+    # (Кшоелев: "кш" folds like "х"); the first letter then legitimately changes
+    if any(matching_key(w[:2])[:1] != matching_key(w[:1])[:1] for w in (name, typo)):
+        return
     assert b and a[0] == b[0]  # typos never touch the first letter, nor does the key
 
 

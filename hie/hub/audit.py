@@ -1,0 +1,394 @@
+"""The audit trail: one record per access, append-only, hash-chained.
+
+Every HTTP request that reaches the hub — read, search, write, operation, and every refused
+attempt — leaves one :class:`AuditRecord` (who, on behalf of whom, which patients, which
+resources, outcome, source address, purpose), written **before** the response goes out. The
+FHIR layer shows each as an AuditEvent following IHE Basic Audit Log Patterns
+(:func:`hie.fhir.audit_api.audit_event`); a patient reads the ones about them.
+
+Storage (:class:`SqlAuditLog`):
+
+- SQLite: its own database file (``audit.db`` beside the resource store), WAL with
+  ``synchronous=NORMAL`` — a record is committed before the response, survives the hub's
+  process being killed, and never waits behind a long data transaction for the write lock;
+- PostgreSQL: tables in the hub's database, each insert committed with
+  ``synchronous_commit=off`` for the same reason.
+
+Tamper evidence: each record's ``hash`` is SHA-256 over the previous record's hash and the
+record's canonical JSON, so changing, removing or reordering any record breaks every later
+link; :meth:`SqlAuditLog.verify` (``hie audit verify``) walks the chain. Database triggers
+refuse UPDATE and DELETE on the trail for every user of the database, admins included.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+)
+
+from hie.hub.errors import StorageError
+from hie.hub.logging import get_logger
+
+log = get_logger("hie.audit")
+
+GENESIS = "0" * 64
+MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
+
+meta = MetaData()
+audit_log = Table(
+    "audit_log",
+    meta,
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("recorded", BigInteger, nullable=False),
+    Column("body", LargeBinary, nullable=False),  # the record's canonical JSON
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+# what each record is about, for searching: "Patient/<id>" for every patient concerned and
+# "Type/<id>" for every resource named
+audit_ref = Table(
+    "audit_ref",
+    meta,
+    Column("ref", String(160), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+)
+Index("ix_audit_ref", audit_ref.c.ref, audit_ref.c.seq)
+
+_TRIGGERS = {
+    "sqlite": [
+        f"CREATE TRIGGER IF NOT EXISTS {t}_no_{op.lower()} BEFORE {op} ON {t} "
+        f"BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END"
+        for t in ("audit_log", "audit_ref")
+        for op in ("UPDATE", "DELETE")
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION hie_audit_append_only() RETURNS trigger AS $$ "
+        "BEGIN RAISE EXCEPTION 'the audit trail is append-only'; END $$ LANGUAGE plpgsql",
+        *(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = "
+            f"'{t}_append_only') THEN CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE "
+            f"OR TRUNCATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION hie_audit_append_only(); "
+            f"END IF; END $$"
+            for t in ("audit_log", "audit_ref")
+        ),
+    ],
+}
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One access, as the audit trail keeps it (see module docstring)."""
+
+    action: str  # FHIR AuditEvent.action: C R U D E
+    subtype: str  # read, vread, search, history, create, update, patch, delete, transaction, …
+    outcome: int  # 0 success, 4 minor failure (refused, bad request), 8 serious, 12 major
+    status: int  # the HTTP status answered
+    method: str
+    path: str  # path and query string (no bodies)
+    agent: str | None  # the principal's subject; None when it never authenticated
+    roles: list[str] = field(default_factory=list)
+    org: str | None = None
+    practitioner: str | None = None
+    client_id: str | None = None
+    on_behalf_of: str | None = None  # the patient a patient-context token acts for
+    source: str | None = None  # caller's network address
+    purpose: str | None = None  # purpose of use (e.g. ETREAT for break-the-glass)
+    reason: str | None = None  # why refused, or a declared reason
+    patients: list[str] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)  # Type/id
+    entities_more: int = 0  # entities beyond MAX_ENTITIES
+    request_id: str | None = None
+    recorded: int = 0  # epoch microseconds (set on append)
+    seq: int = 0  # position in the trail (set on append)
+
+    def canonical(self) -> bytes:
+        """The bytes the hash covers."""
+        return orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """What :meth:`SqlAuditLog.verify` found."""
+
+    ok: bool
+    checked: int
+    first_bad: int | None = None
+    problem: str = ""
+
+
+# --- what a request touched: collected while it runs --------------------------------------------
+
+
+@dataclass(slots=True)
+class AccessNote:
+    """Filled in by the services while a request runs, read by the trail when it answers."""
+
+    subtype: str | None = None
+    action: str | None = None
+    patients: dict[str, None] = field(default_factory=dict)
+    entities: dict[str, None] = field(default_factory=dict)
+    more: int = 0
+    purpose: str | None = None
+    reason: str | None = None
+
+
+current_access: contextvars.ContextVar[AccessNote | None] = contextvars.ContextVar(
+    "hie_access", default=None
+)
+
+
+def note_access(
+    subtype: str | None = None,
+    *,
+    action: str | None = None,
+    entities: Sequence[str] = (),
+    patients: Sequence[str] = (),
+) -> None:
+    """Record, for the current request's audit record, what it did and touched (a no-op
+    outside a request)."""
+    note = current_access.get()
+    if note is None:
+        return
+    if subtype is not None and note.subtype is None:
+        note.subtype = subtype
+        note.action = action
+    for e in entities:
+        if len(note.entities) < MAX_ENTITIES:
+            note.entities[e] = None
+        elif e not in note.entities:
+            note.more += 1
+    for p in patients:
+        note.patients[p] = None
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def audit_url(database_url: str, configured: str = "") -> str:
+    """The audit trail's database: ``configured``, else beside a SQLite store, else the
+    store's own PostgreSQL database."""
+    if configured:
+        return configured
+    if database_url.startswith("sqlite:///"):
+        path = Path(database_url.removeprefix("sqlite:///"))
+        return f"sqlite:///{path.parent / 'audit.db'}"
+    return database_url
+
+
+class SqlAuditLog:
+    """The trail on SQLite or PostgreSQL (see module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+        if self.dialect == "sqlite":
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(url, pool_size=8, max_overflow=8)
+            _sqlite_hooks(self.engine, immediate=True)
+            self.reader = create_engine(url, pool_size=4, max_overflow=8)
+            _sqlite_hooks(self.reader, immediate=False)
+        else:
+            pg = url.replace("postgresql://", "postgresql+psycopg://", 1)
+            self.engine = create_engine(pg, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            self.reader = self.engine
+        self._lock = threading.Lock()  # one appender per process at a time (the chain)
+
+    def migrate(self) -> None:
+        """Create the tables and the append-only triggers (idempotent)."""
+        with self.engine.begin() as conn:
+            meta.create_all(conn, checkfirst=True)
+            for ddl in _TRIGGERS[self.dialect]:
+                conn.exec_driver_sql(ddl)
+
+    def close(self) -> None:
+        """Release connections."""
+        self.engine.dispose()
+        self.reader.dispose()
+
+    def append(self, rec: AuditRecord) -> AuditRecord:
+        """Add ``rec`` at the end of the chain; committed when this returns."""
+        rec.recorded = rec.recorded or int(time.time() * 1_000_000)
+        try:
+            with self._lock, self.engine.begin() as conn:
+                self._serialise(conn)
+                last = conn.execute(
+                    select(audit_log.c.seq, audit_log.c.hash)
+                    .order_by(audit_log.c.seq.desc())
+                    .limit(1)
+                ).first()
+                prev = last.hash if last else GENESIS
+                rec.seq = (last.seq if last else 0) + 1
+                body = rec.canonical()
+                digest = chain_hash(prev, body)
+                conn.execute(
+                    insert(audit_log).values(
+                        seq=rec.seq, recorded=rec.recorded, body=body, prev_hash=prev, hash=digest
+                    )
+                )
+                refs = dict.fromkeys([*(f"Patient/{p}" for p in rec.patients), *rec.entities])
+                if refs:
+                    conn.execute(
+                        insert(audit_ref), [{"ref": r[:160], "seq": rec.seq} for r in refs]
+                    )
+        except Exception as exc:  # noqa: BLE001 - any database failure is the same to callers
+            log.error("audit.append.failed", error=str(exc)[:300])
+            raise StorageError(
+                "the audit trail is unavailable; the request was not served"
+            ) from exc
+        return rec
+
+    def _serialise(self, conn: Connection) -> None:
+        if self.dialect == "sqlite":
+            conn.exec_driver_sql("SELECT 1")  # BEGIN IMMEDIATE is issued by the begin hook
+        else:
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
+
+    def records(
+        self,
+        *,
+        refs: Sequence[str] | None = None,
+        subtypes: Sequence[str] | None = None,
+        since: int | None = None,
+        until: int | None = None,
+        count: int = 50,
+        before_seq: int | None = None,
+    ) -> tuple[list[AuditRecord], int | None]:
+        """Records newest first — about any of ``refs`` (``Patient/<id>``, ``Type/<id>``)
+        when given — and the seq to continue before, if there are more. ``subtypes`` filters
+        on the record's subtype (read here, not in SQL: the body is the record)."""
+        stmt = select(audit_log.c.seq, audit_log.c.body)
+        if refs is not None:
+            about = select(audit_ref.c.seq).where(audit_ref.c.ref.in_(list(refs)))
+            stmt = stmt.where(audit_log.c.seq.in_(about))
+        if since is not None:
+            stmt = stmt.where(audit_log.c.recorded >= since)
+        if until is not None:
+            stmt = stmt.where(audit_log.c.recorded < until)
+        if before_seq is not None:
+            stmt = stmt.where(audit_log.c.seq < before_seq)
+        stmt = stmt.order_by(audit_log.c.seq.desc())
+        out: list[AuditRecord] = []
+        more: int | None = None
+        with self.reader.connect() as conn:
+            for r in conn.execute(stmt.limit(None if subtypes else count + 1)):
+                rec = _record(bytes(r.body))
+                if subtypes and rec.subtype not in subtypes:
+                    continue
+                if len(out) == count:
+                    more = out[-1].seq
+                    break
+                out.append(rec)
+        return out, more
+
+    def read(self, seq: int) -> AuditRecord | None:
+        """One record by its position."""
+        with self.reader.connect() as conn:
+            body = conn.execute(select(audit_log.c.body).where(audit_log.c.seq == seq)).scalar()
+        return _record(bytes(body)) if body is not None else None
+
+    def count(self) -> int:
+        """How many records the trail holds."""
+        with self.reader.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(audit_log)).scalar_one())
+
+    def verify(self, batch: int = 5000) -> VerifyResult:
+        """Walk the chain from the first record: each ``prev_hash`` is the previous ``hash``,
+        each ``hash`` covers its body, ``seq`` has no gaps."""
+        prev, expected, checked = GENESIS, 1, 0
+        with self.reader.connect() as conn:
+            while True:
+                rows = conn.execute(
+                    select(audit_log)
+                    .where(audit_log.c.seq >= expected)
+                    .order_by(audit_log.c.seq)
+                    .limit(batch)
+                ).all()
+                if not rows:
+                    return VerifyResult(True, checked)
+                for r in rows:
+                    body = bytes(r.body)
+                    if r.seq != expected:
+                        return VerifyResult(
+                            False, checked, expected, f"record {expected} is missing"
+                        )
+                    if r.prev_hash != prev:
+                        return VerifyResult(
+                            False, checked, r.seq, "the link to the previous record is broken"
+                        )
+                    if chain_hash(prev, body) != r.hash:
+                        return VerifyResult(False, checked, r.seq, "the record was changed")
+                    rec = orjson.loads(body)
+                    if rec.get("seq") != r.seq or rec.get("recorded") != r.recorded:
+                        return VerifyResult(False, checked, r.seq, "the record was moved")
+                    prev, expected, checked = r.hash, expected + 1, checked + 1
+
+    def stats(self, since: int | None = None) -> dict[str, Any]:
+        """Counts by outcome and role (for officials: no one is named)."""
+        stmt = select(audit_log.c.body)
+        if since is not None:
+            stmt = stmt.where(audit_log.c.recorded >= since)
+        outcome: dict[str, int] = {}
+        roles: dict[str, int] = {}
+        with self.reader.connect() as conn:
+            for (body,) in conn.execute(stmt):
+                rec = orjson.loads(body)
+                outcome[str(rec["outcome"])] = outcome.get(str(rec["outcome"]), 0) + 1
+                for role in rec.get("roles") or ["(none)"]:
+                    roles[role] = roles.get(role, 0) + 1
+        return {"by_outcome": outcome, "by_role": roles}
+
+
+def chain_hash(prev: str, body: bytes) -> str:
+    """SHA-256 of the previous hash and this record's canonical bytes."""
+    return hashlib.sha256(prev.encode() + b"\n" + body).hexdigest()
+
+
+def _record(body: bytes) -> AuditRecord:
+    return AuditRecord(**orjson.loads(body))
+
+
+def _sqlite_hooks(engine: Engine, *, immediate: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # transactions are ours (BEGIN below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # appends take the write lock at once (the chain's last hash must not change under
+        # them); readers never block an append
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def open_audit_log(database_url: str, configured: str = "") -> SqlAuditLog:
+    """The audit trail for a hub whose resource store is at ``database_url``."""
+    return SqlAuditLog(audit_url(database_url, configured))

@@ -1,0 +1,230 @@
+"""The audit trail over HTTP, on every backend: every access leaves a record before the answer,
+refusals too; patients read the records about them; the trail is append-only and its hash
+chain shows tampering (``hie audit verify``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
+
+from hie.hub.audit import audit_url
+from hie.hub.errors import StorageError
+from tests.fixtures.auth import bearer
+
+FJ = {"Content-Type": "application/fhir+json"}
+GOLDEN = "https://hie.spb.ru/fhir/CodeSystem/mpi|golden"
+
+
+def _post(client, res: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    r = client.post(f"/fhir/{res['resourceType']}", json=res, headers=FJ)
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _patient(family: str, given: str, birth: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "name": [{"family": family, "given": [given]}],
+        "birthDate": birth,
+        "gender": "male",
+    }
+
+
+def _obs(pid: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+    }
+
+
+@pytest.fixture
+def two(client) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    a = _post(client, _patient("Орлов", "Пётр", "1990-02-03"))["id"]
+    b = _post(client, _patient("Соколов", "Игорь", "1960-07-08"))["id"]
+    golden = {}
+    for k, p in (("a", a), ("b", b)):
+        found = client.get(f"/fhir/Patient?_tag={GOLDEN}&link=Patient/{p}").json()
+        golden[k] = found["entry"][0]["resource"]["id"]
+    return {
+        "a": a,
+        "b": b,
+        "golden_a": golden["a"],
+        "obs_a": _post(client, _obs(a))["id"],
+        "obs_b": _post(client, _obs(b))["id"],
+    }
+
+
+def _trail(client, **params: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    r = client.get("/fhir/AuditEvent", params=params, headers=bearer(client.settings, "admin"))
+    assert r.status_code == 200, r.text
+    return [e["resource"] for e in r.json()["entry"]]
+
+
+def _refs(event: dict[str, Any]) -> set[str]:
+    return {e["what"]["reference"] for e in event.get("entity", []) if "what" in e}
+
+
+def test_a_clinicians_read_is_recorded_with_who_what_and_whom(client, two) -> None:  # type: ignore[no-untyped-def]
+    doc = bearer(client.settings, "clinician", org="mo-12", practitioner="pr-5")
+    assert client.get(f"/fhir/Observation/{two['obs_a']}", headers=doc).status_code == 200
+    event = _trail(client, entity=f"Observation/{two['obs_a']}", subtype="read")[0]
+    assert event["action"] == "R" and event["outcome"] == "0"
+    agent, org = event["agent"]
+    assert agent["who"]["reference"] == "Practitioner/pr-5"
+    assert [r["text"] for r in agent["role"]] == ["clinician"]
+    assert agent["network"]["address"] == "testclient"
+    assert org["who"]["reference"] == "Organization/mo-12"
+    assert _refs(event) == {f"Patient/{two['a']}", f"Observation/{two['obs_a']}"}
+
+
+def test_a_search_names_every_patient_it_returned(client, two) -> None:  # type: ignore[no-untyped-def]
+    doc = bearer(client.settings, "clinician", org="mo-12")
+    assert client.get("/fhir/Observation?code=718-7", headers=doc).status_code == 200
+    for pid in (two["a"], two["b"]):
+        events = _trail(client, patient=pid, subtype="search")
+        assert any("/fhir/Observation?code=718-7" in _query(e) for e in events), pid
+
+
+def _query(event: dict[str, Any]) -> str:
+    import base64
+
+    return "".join(
+        base64.b64decode(e["query"]).decode() for e in event.get("entity", []) if "query" in e
+    )
+
+
+def test_refused_attempts_are_recorded(client, two) -> None:  # type: ignore[no-untyped-def]
+    r = client.get(f"/fhir/Observation/{two['obs_b']}", headers={"Authorization": ""})
+    assert r.status_code == 401
+    me = bearer(client.settings, "patient", patient=two["golden_a"])
+    assert client.get(f"/fhir/Observation/{two['obs_b']}", headers=me).status_code == 403
+    events = [e for e in _trail(client) if e["outcome"] == "4"]
+    anonymous = next(
+        e for e in events if e["agent"][0]["who"]["identifier"]["value"] == "(unauthenticated)"
+    )
+    assert "bearer token" in anonymous["outcomeDesc"]
+    refused = next(e for e in events if e["agent"][0].get("role") == [{"text": "patient"}])
+    assert refused["subtype"][0]["code"] == "read"
+
+
+def test_patients_read_the_log_of_their_record_only(client, two) -> None:  # type: ignore[no-untyped-def]
+    doc = bearer(client.settings, "clinician", org="mo-12")
+    client.get(f"/fhir/Observation/{two['obs_a']}", headers=doc)
+    client.get(f"/fhir/Observation/{two['obs_b']}", headers=doc)
+    me = bearer(client.settings, "patient", patient=two["golden_a"])
+    mine = client.get("/fhir/AuditEvent", headers=me)
+    assert mine.status_code == 200
+    events = [e["resource"] for e in mine.json()["entry"]]
+    assert events, "the patient sees who read their record"
+    seen = set().union(*(_refs(e) for e in events))
+    assert f"Observation/{two['obs_a']}" in seen
+    assert f"Observation/{two['obs_b']}" not in seen and f"Patient/{two['b']}" not in seen
+    looked = [
+        e
+        for e in events
+        if any(r.get("text") == "clinician" for r in e["agent"][0].get("role", []))
+    ]
+    assert any(
+        a["who"].get("reference") == "Organization/mo-12" for e in looked for a in e["agent"]
+    )
+    # someone else's log: nothing, and no record of theirs by id
+    other = client.get(f"/fhir/AuditEvent?patient={two['b']}", headers=me).json()
+    assert other["entry"] == []
+    b_event = _trail(client, entity=f"Observation/{two['obs_b']}")[0]
+    assert client.get(f"/fhir/AuditEvent/{b_event['id']}", headers=me).status_code == 403
+    # clinicians do not browse the trail
+    assert client.get("/fhir/AuditEvent", headers=doc).status_code == 403
+
+
+def test_paging_through_the_trail(client, two) -> None:  # type: ignore[no-untyped-def]
+    adm = bearer(client.settings, "admin")
+    for _ in range(5):
+        client.get(f"/fhir/Patient/{two['a']}", headers=bearer(client.settings, "clinician"))
+    seen: list[str] = []
+    url: str | None = f"/fhir/AuditEvent?entity=Patient/{two['a']}&subtype=read&_count=2"
+    while url:
+        page = client.get(url, headers=adm).json()
+        seen += [e["resource"]["id"] for e in page["entry"]]
+        url = next((x["url"] for x in page["link"] if x["relation"] == "next"), None)
+        url = url.split("hub.test", 1)[-1] if url else None
+    assert len(seen) == 5 and len(set(seen)) == 5
+    assert [int(s) for s in seen] == sorted((int(s) for s in seen), reverse=True)
+
+
+def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def broken(_rec: object) -> object:
+        raise StorageError("audit database is down")
+
+    monkeypatch.setattr(client.hub.audit, "append", broken)
+    r = client.get(f"/fhir/Observation/{two['obs_a']}")
+    assert r.status_code == 503
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert two["obs_a"] not in r.text
+
+
+def test_the_trail_is_append_only_and_tamper_evident(client, two, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    client.get(f"/fhir/Observation/{two['obs_a']}")
+    trail = client.hub.audit
+    assert trail.verify().ok
+    engine = create_engine(trail.url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as conn:
+        for sql in (
+            "UPDATE audit_log SET recorded = 0",
+            "DELETE FROM audit_log",
+            "DELETE FROM audit_ref",
+        ):
+            with pytest.raises(DBAPIError, match="append-only"):
+                conn.execute(text(sql))
+            conn.rollback()
+    # someone with the database's owner rights drops the guard and edits a record
+    with engine.begin() as conn:
+        if trail.dialect == "sqlite":
+            conn.execute(text("DROP TRIGGER audit_log_no_update"))
+        else:
+            conn.execute(text("ALTER TABLE audit_log DISABLE TRIGGER audit_log_append_only"))
+        body = bytes(conn.execute(text("SELECT body FROM audit_log WHERE seq = 2")).scalar_one())
+        forged = body.replace(b'"status":201', b'"status":200')
+        assert forged != body
+        conn.execute(text("UPDATE audit_log SET body = :b WHERE seq = 2"), {"b": forged})
+    engine.dispose()
+    result = trail.verify()
+    assert not result.ok and result.first_bad == 2 and "changed" in result.problem
+    # and the CLI says so with exit code 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
+    env |= {
+        "HIE_DATA_DIR": str(client.settings.data_dir),
+        "HIE_DATABASE_URL": client.settings.database_url,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "hie.cli", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "BROKEN at record 2" in out.stderr
+
+
+def test_cli_verify_passes_on_an_intact_trail(client, two) -> None:  # type: ignore[no-untyped-def]
+    client.get(f"/fhir/Observation/{two['obs_a']}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
+    env |= {
+        "HIE_DATA_DIR": str(client.settings.data_dir),
+        "HIE_DATABASE_URL": client.settings.database_url,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "hie.cli", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "intact" in out.stdout
+    assert audit_url(client.settings.database_url) == client.hub.audit.url
