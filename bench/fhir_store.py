@@ -64,8 +64,11 @@ AUTH: dict[str, dict[str, str]] = {}  # base URL → Authorization header of its
 
 
 @contextlib.contextmanager
-def hub_server(data_dir: Path, database_url: str) -> Iterator[str]:
-    """A real `hie serve` process; yields its base URL."""
+def hub_server(
+    data_dir: Path, database_url: str, *, role: str = "service", **env_extra: str
+) -> Iterator[str]:
+    """A real `hie serve` process (``env_extra``: more ``HIE_*`` variables); yields its base
+    URL. ``AUTH[base]`` holds a bearer token of ``role`` for it."""
     port = free_port()
     env = {
         **os.environ,
@@ -77,6 +80,7 @@ def hub_server(data_dir: Path, database_url: str) -> Iterator[str]:
         "HIE_LOG_LEVEL": "WARNING",
         "HIE_MAX_PAGE_SIZE": "1000",
         "HIE_HTTP_WORKERS": os.environ.get("HIE_HTTP_WORKERS", "2"),
+        **env_extra,
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "hie.cli", "serve"],
@@ -86,7 +90,7 @@ def hub_server(data_dir: Path, database_url: str) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     # a service token signed with the development key of the hub's data dir
-    token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue("service", ttl=24 * 3600)
+    token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue(role, ttl=24 * 3600)
     AUTH[base] = {"Authorization": f"Bearer {token}"}
     try:
         deadline = time.monotonic() + 60

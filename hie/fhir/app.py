@@ -179,7 +179,7 @@ class AuditTrail:
                 if status >= 400 or scope["path"] not in UNAUDITED:
                     rec = _audit_record(scope, note, status)
                     try:
-                        await run_in_threadpool(self.trail.append, rec)
+                        await self.trail.append_async(rec)
                     except HieError as exc:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)

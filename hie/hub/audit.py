@@ -22,12 +22,15 @@ refuse UPDATE and DELETE on the trail for every user of the database, admins inc
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import fcntl
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,7 @@ from hie.hub.logging import get_logger
 log = get_logger("hie.audit")
 
 GENESIS = "0" * 64
+BATCH = 500  # records per group commit at most
 MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
 
 meta = MetaData()
@@ -77,6 +81,11 @@ audit_ref = Table(
     Column("seq", BigInteger, nullable=False),
 )
 Index("ix_audit_ref", audit_ref.c.ref, audit_ref.c.seq)
+
+# built once: the writer runs them for every batch
+_LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+_INSERT_LOG = insert(audit_log)
+_INSERT_REF = insert(audit_ref)
 
 _TRIGGERS = {
     "sqlite": [
@@ -127,7 +136,39 @@ class AuditRecord:
 
     def canonical(self) -> bytes:
         """The bytes the hash covers."""
-        return orjson.dumps(asdict(self), option=orjson.OPT_SORT_KEYS)
+        return orjson.dumps(self)  # fields in declaration order
+
+
+class _Waiter:
+    """A caller of :meth:`SqlAuditLog.append` waiting for its batch's commit: a thread on an
+    event, or a coroutine on a future of its event loop."""
+
+    __slots__ = ("done", "error", "future", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        future: asyncio.Future[None] | None = None,
+    ) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.loop = loop
+        self.future = future
+
+    def finish(self, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+        if self.loop is not None and self.future is not None:
+            self.loop.call_soon_threadsafe(_settle, self.future, error)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +257,14 @@ class SqlAuditLog:
             self.engine = create_engine(pg, pool_size=8, max_overflow=8, pool_pre_ping=True)
             self.reader = self.engine
         self._lock = threading.Lock()  # one appender per process at a time (the chain)
+        self._lock_file: int | None = None
+        if self.dialect == "sqlite":  # processes hand the write lock over, not sleep for it
+            lock_path = Path(url.removeprefix("sqlite:///") + ".lock")
+            self._lock_file = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._queue: list[tuple[AuditRecord, _Waiter]] = []
+        self._cond = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._closed = False
 
     def migrate(self) -> None:
         """Create the tables and the append-only triggers (idempotent)."""
@@ -225,41 +274,116 @@ class SqlAuditLog:
                 conn.exec_driver_sql(ddl)
 
     def close(self) -> None:
-        """Release connections."""
+        """Finish queued appends and release connections."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
         self.engine.dispose()
         self.reader.dispose()
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
 
     def append(self, rec: AuditRecord) -> AuditRecord:
-        """Add ``rec`` at the end of the chain; committed when this returns."""
-        rec.recorded = rec.recorded or int(time.time() * 1_000_000)
+        """Add ``rec`` at the end of the chain; committed when this returns.
+
+        Concurrent callers are committed together (group commit): a writer thread takes
+        everything queued, appends it in one transaction and wakes each caller, so the
+        trail keeps up with many requests at the cost of about one commit each batch."""
+        waiter = _Waiter()
+        self._enqueue(rec, waiter)
+        if not waiter.done.wait(timeout=60):
+            raise StorageError("the audit trail did not answer in 60 s")
+        if waiter.error is not None:
+            raise StorageError(
+                "the audit trail is unavailable; the request was not served"
+            ) from waiter.error
+        return rec
+
+    async def append_async(self, rec: AuditRecord) -> AuditRecord:
+        """:meth:`append` for a coroutine: waits on its own event loop, not a thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._enqueue(rec, _Waiter(loop, future))
         try:
-            with self._lock, self.engine.begin() as conn:
-                self._serialise(conn)
-                last = conn.execute(
-                    select(audit_log.c.seq, audit_log.c.hash)
-                    .order_by(audit_log.c.seq.desc())
-                    .limit(1)
-                ).first()
-                prev = last.hash if last else GENESIS
-                rec.seq = (last.seq if last else 0) + 1
-                body = rec.canonical()
-                digest = chain_hash(prev, body)
-                conn.execute(
-                    insert(audit_log).values(
-                        seq=rec.seq, recorded=rec.recorded, body=body, prev_hash=prev, hash=digest
-                    )
-                )
-                refs = dict.fromkeys([*(f"Patient/{p}" for p in rec.patients), *rec.entities])
-                if refs:
-                    conn.execute(
-                        insert(audit_ref), [{"ref": r[:160], "seq": rec.seq} for r in refs]
-                    )
-        except Exception as exc:  # noqa: BLE001 - any database failure is the same to callers
-            log.error("audit.append.failed", error=str(exc)[:300])
+            await asyncio.wait_for(future, timeout=60)
+        except TimeoutError:
+            raise StorageError("the audit trail did not answer in 60 s") from None
+        except Exception as exc:
             raise StorageError(
                 "the audit trail is unavailable; the request was not served"
             ) from exc
         return rec
+
+    def _enqueue(self, rec: AuditRecord, waiter: _Waiter) -> None:
+        with self._cond:
+            if self._closed:
+                raise StorageError("the audit trail is closed")
+            self._queue.append((rec, waiter))
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="hie-audit-writer", daemon=True
+                )
+                self._writer.start()
+            self._cond.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue and self._closed:
+                    return
+                batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+            try:
+                self.append_many([r for r, _ in batch])
+                error = None
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                log.error("audit.append.failed", error=str(exc)[:300], records=len(batch))
+                error = exc
+            for _, w in batch:
+                w.finish(error)
+
+    def append_many(self, recs: Sequence[AuditRecord]) -> None:
+        """Append ``recs`` in order in one transaction (chained, committed on return)."""
+        now = int(time.time() * 1_000_000)
+        with self._lock:
+            if self._lock_file is not None:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                with self.engine.begin() as conn:
+                    self._serialise(conn)
+                    last = conn.execute(_LAST).first()
+                    prev = last.hash if last else GENESIS
+                    seq = last.seq if last else 0
+                    rows, refs = [], []
+                    for rec in recs:
+                        seq += 1
+                        rec.seq, rec.recorded = seq, rec.recorded or now
+                        body = rec.canonical()
+                        digest = chain_hash(prev, body)
+                        rows.append(
+                            {
+                                "seq": seq,
+                                "recorded": rec.recorded,
+                                "body": body,
+                                "prev_hash": prev,
+                                "hash": digest,
+                            }
+                        )
+                        prev = digest
+                        about = dict.fromkeys(
+                            [*(f"Patient/{p}" for p in rec.patients), *rec.entities]
+                        )
+                        refs += [{"ref": r[:160], "seq": seq} for r in about]
+                    conn.execute(_INSERT_LOG, rows)
+                    if refs:
+                        conn.execute(_INSERT_REF, refs)
+            finally:
+                if self._lock_file is not None:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _serialise(self, conn: Connection) -> None:
         if self.dialect == "sqlite":

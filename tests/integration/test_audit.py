@@ -160,10 +160,10 @@ def test_paging_through_the_trail(client, two) -> None:  # type: ignore[no-untyp
 
 
 def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    def broken(_rec: object) -> object:
+    async def broken(_rec: object) -> object:
         raise StorageError("audit database is down")
 
-    monkeypatch.setattr(client.hub.audit, "append", broken)
+    monkeypatch.setattr(client.hub.audit, "append_async", broken)
     r = client.get(f"/fhir/Observation/{two['obs_a']}")
     assert r.status_code == 503
     assert r.json()["resourceType"] == "OperationOutcome"

@@ -1,0 +1,218 @@
+"""What access control and audit cost (issue #5): search and read through a real ``hie serve``
+with security on (bearer token verified, policy applied in the query, one audit record
+committed before each answer) and off (``HIE_AUTH_ENABLED=false``), side by side in one run.
+
+Two hubs serve the same preloaded SQLite database (read-only load), one with each setting.
+``--clients`` threads per hub send ``--requests`` requests each of:
+
+- read: ``GET /fhir/Observation/{id}`` of random stored Observations;
+- search: ``GET /fhir/Observation?subject=Patient/…&code=…`` for random patients.
+
+The hubs take turns in ``--rounds`` rounds (on, off, off, on, …), so drift on the machine
+hits both alike. The token is a clinician's (role table, scopes, row conditions all
+evaluated). Targets: at most 15 % added p95 latency and 15 % lost throughput.
+
+Prints a table and appends one JSON line to ``bench/results/security.jsonl``.
+
+    .venv/bin/python bench/security.py                       # 200,000 Observations
+    .venv/bin/python bench/security.py --observations 20000 --requests 300   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fhir_store import AUTH, hub_server, pct, preload  # noqa: E402
+
+from hie.hub.store import open_resource_store  # noqa: E402
+from hie.hub.store.port import Query  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "security.jsonl"
+TARGET = 0.15
+CODES = ["718-7", "14749-6", "6690-2", "1742-6", "777-3"]
+
+
+def observation_ids(database_url: str, n: int, seed: int) -> list[str]:
+    """``n`` random stored Observation ids."""
+    store = open_resource_store(database_url)
+    ids: list[str] = []
+    q = Query("Observation", count=1000)
+    while len(ids) < 20 * n:
+        page = store.search(q)
+        ids.extend(r.id for r in page.items)
+        if page.next_after is None:
+            break
+        q.after = page.next_after
+    store.close()
+    return random.Random(seed).sample(ids, min(n, len(ids)))
+
+
+def drive(base: str, headers: dict[str, str], urls: list[list[str]]) -> tuple[list[float], float]:
+    """Each client thread sends its URLs in order; latencies and the wall time."""
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def client(mine: list[str]) -> None:
+        out = []
+        with httpx.Client(base_url=base, headers=headers, timeout=60) as c:
+            for u in mine:
+                t = time.perf_counter()
+                r = c.get(u)
+                out.append(time.perf_counter() - t)
+                r.raise_for_status()
+        with lock:
+            lat.extend(out)
+
+    threads = [threading.Thread(target=client, args=(u,)) for u in urls]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--observations", type=int, default=200_000)
+    ap.add_argument("--patients", type=int, default=5_000)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=500, help="per client, per kind, per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--work", type=Path, default=None)
+    args = ap.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="hie-bench-security-"))
+    data_dir = work / "var"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{data_dir / 'hie.db'}"
+    print(f"preloading {args.observations:,} Observations for {args.patients:,} patients …")
+    pids = preload(url, data_dir, args.observations, args.patients, args.seed)
+    obs = observation_ids(url, 5_000, args.seed)
+    rng = random.Random(args.seed)
+
+    def urls(kind: str) -> list[list[str]]:
+        if kind == "read":
+            return [
+                [f"/fhir/Observation/{rng.choice(obs)}" for _ in range(args.requests)]
+                for _ in range(args.clients)
+            ]
+        return [
+            [
+                f"/fhir/Observation?subject=Patient/{rng.choice(pids)}"
+                f"&code=http://loinc.org|{rng.choice(CODES)}"
+                for _ in range(args.requests)
+            ]
+            for _ in range(args.clients)
+        ]
+
+    results: dict[str, dict[str, dict[str, list[float]]]] = {
+        mode: {k: {"lat": [], "wall": [], "n": []} for k in ("read", "search")}
+        for mode in ("on", "off")
+    }
+    with ExitStack() as stack:
+        bases = {
+            "on": stack.enter_context(
+                hub_server(data_dir, url, role="clinician", HIE_WORKER="false")
+            ),
+            "off": stack.enter_context(
+                hub_server(data_dir, url, HIE_AUTH_ENABLED="false", HIE_WORKER="false")
+            ),
+        }
+        headers = {"on": AUTH[bases["on"]], "off": {}}
+        for mode in ("on", "off"):  # warm both (caches, connections, token verification)
+            drive(bases[mode], headers[mode], [u[:50] for u in urls("read")])
+            drive(bases[mode], headers[mode], [u[:50] for u in urls("search")])
+        for rnd in range(args.rounds):
+            order = ("on", "off") if rnd % 2 == 0 else ("off", "on")
+            for kind in ("read", "search"):
+                work_urls = urls(kind)
+                for mode in order:
+                    lat, wall = drive(bases[mode], headers[mode], work_urls)
+                    r = results[mode][kind]
+                    r["lat"].extend(lat)
+                    r["wall"].append(wall)
+                    r["n"].append(len(lat))
+            print(f"  round {rnd + 1}/{args.rounds} done")
+        trail_records = _trail_count(data_dir)
+
+    summary: dict[str, Any] = {}
+    for kind in ("read", "search"):
+        on, off = results["on"][kind], results["off"][kind]
+        row = {}
+        for mode, r in (("on", on), ("off", off)):
+            row[mode] = {
+                "p50_ms": pct(r["lat"], 50) * 1000,
+                "p95_ms": pct(r["lat"], 95) * 1000,
+                "per_s": sum(r["n"]) / sum(r["wall"]),
+                "requests": sum(r["n"]),
+            }
+        row["p95_added"] = row["on"]["p95_ms"] / row["off"]["p95_ms"] - 1
+        row["throughput_lost"] = 1 - row["on"]["per_s"] / row["off"]["per_s"]
+        summary[kind] = row
+
+    print(
+        f"\nSecurity overhead — {args.observations:,} Observations, {args.clients} clients, "
+        f"2 HTTP workers per hub, SQLite; token: clinician"
+    )
+    head = f"{'measure':<34} {'security on':>14} {'off':>10} {'overhead':>10} {'target':>8}"
+    print(head)
+    print("-" * len(head))
+    for kind, label in (("read", "GET Observation/{id}"), ("search", "Observation?subject&code")):
+        r = summary[kind]
+        ok_lat = r["p95_added"] <= TARGET
+        ok_tp = r["throughput_lost"] <= TARGET
+        print(
+            f"{label + ' p95, ms':<34} {r['on']['p95_ms']:>14.2f} {r['off']['p95_ms']:>10.2f} "
+            f"{r['p95_added']:>+10.1%} {'≤ 15 %':>8}  {'PASS' if ok_lat else 'MISS'}"
+        )
+        print(f"{label + ' p50, ms':<34} {r['on']['p50_ms']:>14.2f} {r['off']['p50_ms']:>10.2f}")
+        print(
+            f"{label + ' requests/s':<34} {r['on']['per_s']:>14,.0f} {r['off']['per_s']:>10,.0f} "
+            f"{-r['throughput_lost']:>+10.1%} {'≥ -15 %':>8}  {'PASS' if ok_tp else 'MISS'}"
+        )
+    print(f"audit records written by the secured hub: {trail_records:,}")
+    line = {
+        "bench": "security",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": {**summary, "audit_records": trail_records},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(f"appended to {RESULTS}")
+
+
+def _trail_count(data_dir: Path) -> int:
+    from hie.hub.audit import open_audit_log
+
+    trail = open_audit_log(f"sqlite:///{data_dir / 'hie.db'}")
+    try:
+        return trail.count()
+    finally:
+        trail.close()
+
+
+if __name__ == "__main__":
+    main()
