@@ -80,6 +80,7 @@ def hub_server(
         "HIE_LOG_LEVEL": "WARNING",
         "HIE_MAX_PAGE_SIZE": "1000",
         "HIE_HTTP_WORKERS": os.environ.get("HIE_HTTP_WORKERS", "2"),
+        "HIE_RATE_LIMIT_PER_SECOND": "0",  # load generators are not floods
         **env_extra,
     }
     proc = subprocess.Popen(

@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -30,7 +30,14 @@ from hie.fhir.service import FhirService, error_outcome, outcome
 from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
 from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access
-from hie.hub.auth import Principal, TokenVerifier, Unauthenticated, current_principal
+from hie.hub.auth import (
+    Principal,
+    RateLimiter,
+    TokenVerifier,
+    TooManyRequests,
+    Unauthenticated,
+    current_principal,
+)
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import Settings
@@ -98,9 +105,10 @@ class Authenticate:
     (``hie.hub.auth.current_principal``). A missing or bad token gets 401 with an
     OperationOutcome and ``WWW-Authenticate`` (RFC 6750 §3)."""
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier, limiter: RateLimiter) -> None:
         self.app = app
         self.verifier = verifier
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -110,19 +118,29 @@ class Authenticate:
         for k, v in scope.get("headers", []):
             if k == b"authorization":
                 header = v.decode("latin-1")
+        client = scope.get("client")
+        address = client[0] if client else "-"
+        note = current_access.get()
         try:
             principal = self.verifier.cached(header)
             if principal is None:  # a signature check, or a JWKS fetch: off the event loop
+                self.limiter.check(f"ip:{address}")  # floods of bad tokens cost little
                 principal = await run_in_threadpool(self.verifier.verify_header, header)
+            self.limiter.check(principal.subject)
         except Unauthenticated as exc:
             log.info("auth.refused", path=scope["path"], reason=exc.message)
-            note = current_access.get()
             if note is not None:
                 note.reason = exc.message
             await _refuse(send, exc, "invalid_token" if header else None)
             return
-        client = scope.get("client")
-        principal = replace(principal, source=client[0] if client else None)
+        except TooManyRequests as exc:
+            if note is not None:
+                note.reason = exc.message
+            retry = str(max(1, math.ceil(exc.retry_after)))
+            await _refuse(
+                send, exc, None, challenge=False, extra=[(b"retry-after", retry.encode())]
+            )
+            return
         scope.setdefault("state", {})["principal"] = principal
         token = current_principal.set(principal)
         try:
@@ -131,11 +149,19 @@ class Authenticate:
             current_principal.reset(token)
 
 
-async def _refuse(send: Send, exc: HieError, error: str | None, *, challenge: bool = True) -> None:
+async def _refuse(
+    send: Send,
+    exc: HieError,
+    error: str | None,
+    *,
+    challenge: bool = True,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     body = orjson.dumps(error_outcome(exc))
     headers = [
         (b"content-type", FHIR_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
+        *(extra or []),
     ]
     if challenge:
         text = 'Bearer realm="hie"'
@@ -322,7 +348,8 @@ def create_app(
         app.include_router(mpi_router(mpi, settings))
     app.include_router(FhirApi(service, settings).router)
     if settings.auth_enabled:
-        app.add_middleware(Authenticate, verifier=TokenVerifier(settings))
+        limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
+        app.add_middleware(Authenticate, verifier=TokenVerifier(settings), limiter=limiter)
         app.add_middleware(AuditTrail, trail=hub.audit)  # outside: it sees refusals too
     app.add_middleware(RequestContext)
     return app

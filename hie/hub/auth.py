@@ -556,3 +556,53 @@ class TokenVerifier:
                 f"the token carries no role this hub knows (one of {', '.join(ROLES)})"
             )
         return principal
+
+
+# --- request floods --------------------------------------------------------------------------
+
+
+class TooManyRequests(HieError):
+    """A principal (or an address that fails to authenticate) over its request rate."""
+
+    code = "HIE-1104"
+    status = 429
+    issue = "throttled"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimiter:
+    """A token bucket per key (a principal's subject, or ``ip:<address>`` for callers that
+    fail to authenticate): ``rate`` requests per second on average, bursts of ``burst``.
+    Per process; idle buckets are forgotten."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = max(burst, 1.0)
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, at)
+        self._lock = threading.Lock()
+
+    def check(self, key: str) -> None:
+        """Take one request from ``key``'s bucket, or raise :class:`TooManyRequests`."""
+        if self.rate <= 0:
+            return
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - at) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                wait = (1.0 - tokens) / self.rate
+                raise TooManyRequests(
+                    f"too many requests; retry after {wait:.1f} s", retry_after=wait
+                )
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > 100_000:  # forget full (idle) buckets
+                full = [k for k, (t, _) in self._buckets.items() if t >= self.burst - 1]
+                for k in full:
+                    del self._buckets[k]

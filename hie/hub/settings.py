@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     audit_url: str = Field(
         default="", description="audit trail database (default: audit.db beside a SQLite store)"
     )
+    rate_limit_per_second: float = Field(
+        default=200.0, description="requests per second per principal and process (0: no limit)"
+    )
+    rate_limit_burst: float = Field(default=400.0, description="burst above that rate")
     auth_enabled: bool = Field(
         default=True,
         description="require bearer tokens (false only for benchmarks; not in production)",

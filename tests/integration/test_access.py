@@ -351,3 +351,34 @@ def test_injection_through_search_parameters_finds_nothing_extra(client, city, q
         assert not _ids(r.json()) & {city["b"], city["golden_b"]}
     # the store is intact
     assert client.get(f"/fhir/Patient/{city['b']}").status_code == 200
+
+
+def test_request_floods_get_429_with_retry_after(store_url, settings_for) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from hie.fhir.app import create_app
+    from hie.hub.runtime import open_hub
+
+    settings = settings_for(store_url, rate_limit_per_second=0.5, rate_limit_burst=3)
+    hub = open_hub(settings)
+    hub.store.migrate()
+    app = create_app(settings, hub, start_worker=False)
+    with TestClient(app, base_url="http://hub.test") as c:
+        flood = bearer(settings, "clinician")
+        codes = [c.get("/fhir/Organization", headers=flood).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3:] == [429, 429]
+        r = c.get("/fhir/Organization", headers=flood)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["issue"][0]["code"] == "throttled"
+        # another principal is not held up by the flood
+        assert c.get("/fhir/Organization", headers=bearer(settings, "admin")).status_code == 200
+        # bad tokens from one address are limited too, before any signature check
+        bad = [
+            c.get("/fhir/Organization", headers={"Authorization": "Bearer x.y.z"}).status_code
+            for _ in range(5)
+        ]
+        # (the address's bucket also paid for the two good tokens' first signature checks)
+        assert bad[0] == 401 and bad[-2:] == [429, 429]
+        # and the refusals are in the audit trail
+        throttled, _ = hub.audit.records(count=100)
+        assert sum(1 for rec in throttled if rec.status == 429) >= 4

@@ -69,6 +69,7 @@ class Server:
             "HIE_MLLP_PORT": "0",
             "HIE_DICOM_PORT": "0",
             "HIE_LOG_LEVEL": "WARNING",
+            "HIE_RATE_LIMIT_PER_SECOND": "0",  # the writers are a load test, not a flood
         }
         if self.database_url:
             env["HIE_DATABASE_URL"] = self.database_url

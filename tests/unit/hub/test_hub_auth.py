@@ -360,3 +360,24 @@ def test_no_provider_no_entry(tmp_path: Path) -> None:
     v = TokenVerifier(load_settings(data_dir=tmp_path, oidc_issuer="http://127.0.0.1:9"))
     with pytest.raises(Unauthenticated, match="unavailable"):
         v.verify(_sign(load_settings(data_dir=tmp_path), _claims(iss="http://127.0.0.1:9")))
+
+
+# --- request floods ---------------------------------------------------------------------------
+
+
+def test_rate_limiter_token_bucket() -> None:
+    from hie.hub.auth import RateLimiter, TooManyRequests
+
+    clock = [0.0]
+    lim = RateLimiter(rate=2.0, burst=3.0, clock=lambda: clock[0])
+    for _ in range(3):
+        lim.check("a")
+    with pytest.raises(TooManyRequests) as err:
+        lim.check("a")
+    assert err.value.status == 429 and 0 < err.value.retry_after <= 0.5
+    lim.check("b")  # another principal has its own bucket
+    clock[0] += 0.5  # one token back at 2/s
+    lim.check("a")
+    with pytest.raises(TooManyRequests):
+        lim.check("a")
+    assert RateLimiter(rate=0, burst=0).check("x") is None  # 0 disables
