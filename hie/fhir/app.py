@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -141,12 +142,29 @@ class Authenticate:
                 send, exc, None, challenge=False, extra=[(b"retry-after", retry.encode())]
             )
             return
+        purpose = _header(scope, b"x-purpose-of-use")
+        if purpose:  # declared per request (break-the-glass: ETREAT with a reason)
+            reason = _header(scope, b"x-break-glass-reason")
+            principal = replace(principal, purpose=purpose.strip(), purpose_reason=reason)
+            if note is not None:
+                note.purpose, note.reason = purpose.strip(), reason
         scope.setdefault("state", {})["principal"] = principal
         token = current_principal.set(principal)
         try:
             await self.app(scope, receive, send)
         finally:
             current_principal.reset(token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    """A request header as text (UTF-8 where the client sent it, Latin-1 otherwise)."""
+    for k, v in scope.get("headers", []):
+        if k == name:
+            try:
+                return str(v.decode("utf-8")).strip() or None
+            except UnicodeDecodeError:
+                return str(v.decode("latin-1")).strip() or None
+    return None
 
 
 async def _refuse(
@@ -184,9 +202,15 @@ class AuditTrail:
     its response starts (:mod:`hie.hub.audit`). If the trail cannot be written the caller
     gets 503 instead of the answer: nothing is served unaudited."""
 
-    def __init__(self, app: ASGIApp, trail: SqlAuditLog) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        trail: SqlAuditLog,
+        on_override: Callable[[AccessNote, AuditRecord], None] | None = None,
+    ) -> None:
         self.app = app
         self.trail = trail
+        self.on_override = on_override  # tells patients whose denial an emergency lifted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -210,6 +234,8 @@ class AuditTrail:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)
                         return
+                    if note.overridden and status < 400 and self.on_override is not None:
+                        await run_in_threadpool(self.on_override, note, rec)
             await send(message)
 
         try:
@@ -350,6 +376,8 @@ def create_app(
     if settings.auth_enabled:
         limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
         app.add_middleware(Authenticate, verifier=TokenVerifier(settings), limiter=limiter)
-        app.add_middleware(AuditTrail, trail=hub.audit)  # outside: it sees refusals too
+        app.add_middleware(  # outside authentication: it sees refusals too
+            AuditTrail, trail=hub.audit, on_override=service.notify_break_glass
+        )
     app.add_middleware(RequestContext)
     return app

@@ -272,6 +272,7 @@ category token category
 date date dateTime
 period date provision.period
 actor reference provision.actor.reference
+provision-type token provision.type
 consentor reference performer
 organization reference organization >Organization
 purpose token provision.purpose

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -44,7 +45,15 @@ from hie.hub.errors import (
     Unprocessable,
     VersionConflict,
 )
-from hie.hub.policy import EVERYTHING, AccessPolicy, Grant
+from hie.hub.policy import (
+    BREAK_THE_GLASS,
+    CONSENT_BINDS,
+    EMERGENCY_PURPOSE,
+    EVERYTHING,
+    AccessPolicy,
+    Grant,
+    category,
+)
 from hie.hub.search.port import SearchIndex
 from hie.hub.settings import Settings
 from hie.hub.store.port import (
@@ -56,6 +65,7 @@ from hie.hub.store.port import (
     Query,
     ReferenceCond,
     ResourceStore,
+    SortKey,
     StoredResource,
     TokenCond,
     TypeCond,
@@ -65,6 +75,7 @@ from hie.hub.store.sql import now_us
 from hie.registries.mpi.features import validate_demographics
 
 Json = dict[str, Any]
+NOTIFICATION_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/notification"
 _ID_RX = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 §2.24.0.1 "id"
 _COMPARTMENT_TYPES = {t for t, _ in PATIENT_COMPARTMENT} | {"Patient"}
 
@@ -187,6 +198,8 @@ class FhirService:
         # trusted. In-process callers (CLI, demo, adapters' own principal) leave it off.
         self.require_principal = require_principal
         self.trail = trail  # the audit trail, for events the hub records itself (merges)
+        self._consent_cache: dict[str | None, tuple[object, tuple[str, ...]]] = {}
+        self._consent_lock = threading.Lock()
 
     # --- access control (hie.hub.policy decides; this applies it to the queries) -------------
 
@@ -198,7 +211,136 @@ class FhirService:
             if self.require_principal:
                 raise Forbidden("no authenticated principal for this call")
             return EVERYTHING
-        return self.policy.grant(p, resource_type, permission)
+        grant = self.policy.grant(p, resource_type, permission)
+        if (
+            permission in "rs"
+            and p.has_role(*CONSENT_BINDS)
+            and not p.has_role("service")
+            and category(resource_type or "Patient") == "clinical"
+        ):
+            denied = self._consent_denials(p.org)
+            if denied and p.has_role(*BREAK_THE_GLASS) and p.purpose == EMERGENCY_PURPOSE:
+                if not p.purpose_reason:
+                    raise Forbidden(
+                        "breaking the glass needs a declared reason (X-Break-Glass-Reason)"
+                    )
+                note = current_access.get()
+                if note is not None:
+                    note.overridden.update(dict.fromkeys(denied))
+            elif denied:
+                closed = CompartmentCond(
+                    "Patient", denied, self.policy.links, expand=True, negate=True
+                )
+                grant = Grant((*grant.conds, closed))
+        return grant
+
+    def _consent_denials(self, org: str | None) -> tuple[str, ...]:
+        """Patients whose active Consent closes their record to MO ``org``: a ``deny`` that
+        names it or names no one, or a ``permit`` that names only other MOs. Recomputed
+        whenever any Consent changes (a count and the newest change time say so)."""
+        probe = Query("Consent", sort=[SortKey("_lastUpdated", "lastUpdated", True)], count=1)
+        probe.total = True
+        page = self.store.search(probe)
+        generation = (
+            page.total,
+            page.items[0].version if page.items else 0,
+            page.items[0].last_updated if page.items else 0,
+        )
+        with self._consent_lock:
+            hit = self._consent_cache.get(org)
+            if hit is not None and hit[0] == generation:
+                return hit[1]
+        denied: dict[str, None] = {}
+        for items, kind in (
+            ([("status", "active"), ("provision-type", "deny"), ("actor:missing", "true")], "all"),
+            (
+                [("status", "active"), ("provision-type", "permit"), ("actor:missing", "false")],
+                "only",
+            ),
+            *(
+                [
+                    (
+                        [
+                            ("status", "active"),
+                            ("provision-type", "deny"),
+                            ("actor", f"Organization/{org}"),
+                        ],
+                        "named",
+                    )
+                ]
+                if org
+                else []
+            ),
+        ):
+            q = parse_search("Consent", items, default_count=1000, max_count=1000).query
+            while True:
+                found = self.store.search(q)
+                for r in found.items:
+                    res = content_json(r)
+                    pid = str((res.get("patient") or {}).get("reference", "")).removeprefix(
+                        "Patient/"
+                    )
+                    actors = {
+                        str((a.get("reference") or {}).get("reference", ""))
+                        for a in (res.get("provision") or {}).get("actor") or []
+                        if isinstance(a, dict)
+                    }
+                    if pid and (kind != "only" or f"Organization/{org}" not in actors):
+                        denied[pid] = None
+                if found.next_after is None:
+                    break
+                q.after = found.next_after
+        result = tuple(sorted(denied))
+        with self._consent_lock:
+            if len(self._consent_cache) > 10_000:
+                self._consent_cache.clear()
+            self._consent_cache[org] = (generation, result)
+        return result
+
+    def notify_break_glass(self, note: Any, rec: Any) -> None:
+        """After an emergency access that lifted a patient's denial: a Communication to each
+        such patient whose records the request touched (the portal shows it), saying who
+        looked, from which MO, when and why."""
+        touched: set[str] = set()
+        with self.store.identity_reader() as idx:
+            groups = {idx.group_of("Patient", p) or p for p in note.patients}
+            for pid in note.overridden:
+                if (idx.group_of("Patient", pid) or pid) in groups:
+                    touched.add(pid)
+        if not touched:
+            return
+        when = now_us()
+        who = rec.practitioner and f"Practitioner/{rec.practitioner}"
+        text = (
+            f"Экстренный доступ к вашей медицинской карте (break-the-glass): "
+            f"{'/'.join(rec.roles)}{f', МО {rec.org}' if rec.org else ''}; причина: {rec.reason}. "
+            f"Запись журнала аудита AuditEvent/{rec.seq}. / Emergency access to your record: "
+            f"reason given: {rec.reason}."
+        )
+        with self.store.transaction() as tx:
+            for pid in sorted(touched):
+                msg: Json = {
+                    "resourceType": "Communication",
+                    "status": "completed",
+                    "category": [
+                        {
+                            "coding": [
+                                {
+                                    "system": MPI_SYSTEM.replace("mpi", "notification"),
+                                    "code": "break-the-glass",
+                                }
+                            ]
+                        }
+                    ],
+                    "subject": {"reference": f"Patient/{pid}"},
+                    "recipient": [{"reference": f"Patient/{pid}"}],
+                    "sent": format_instant(when),
+                    "payload": [{"contentString": text}],
+                    "about": [{"reference": f"AuditEvent/{rec.seq}"}],
+                }
+                if who:
+                    msg["sender"] = {"reference": who}
+                self.write_internal(tx, msg, "Communication", new_id(), when, fresh=True)
 
     def operation(self, name: str) -> None:
         """Refuse the current principal an operation its roles may not run."""

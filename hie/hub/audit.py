@@ -195,6 +195,7 @@ class AccessNote:
     more: int = 0
     purpose: str | None = None
     reason: str | None = None
+    overridden: dict[str, None] = field(default_factory=dict)  # denials lifted (emergency)
 
 
 current_access: contextvars.ContextVar[AccessNote | None] = contextvars.ContextVar(

@@ -150,6 +150,8 @@ class Principal:
     name: str | None = None
     expires: int | None = None
     source: str | None = None  # network address, filled in by the edge
+    purpose: str | None = None  # purpose of use declared for this request (ETREAT: emergency)
+    purpose_reason: str | None = None  # the reason declared with it (break-the-glass)
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def has_role(self, *roles: str) -> bool:

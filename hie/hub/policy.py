@@ -14,8 +14,12 @@ Rows, per role (see :meth:`AccessPolicy.grant`):
 - ``official``: no rows at all; aggregate endpoints only.
 - ``admin``: directory, terminology and the audit trail; no clinical rows.
 - ``service``: the hub's own trusted integration (every row; audited).
-- ``mis``, ``clinician``, ``radiologist``: every row of the types their role allows, for now;
-  care relationships and consent come next (issue #5).
+- ``mis``, ``clinician``, ``radiologist``: every row of the types their role allows, except
+  the records of patients whose active Consent closes them to the caller's MO (a ``deny``
+  naming it or naming no one, or a ``permit`` that names only other MOs). A clinician or
+  radiologist may break the glass (purpose of use ``ETREAT`` with a declared reason): the
+  denial is lifted for that request, which is audited with the reason, and the patient is
+  notified. Care relationships come next (issue #5).
 
 Nothing may change or delete an AuditEvent: the trail is append-only for everyone.
 """
@@ -102,6 +106,11 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "validate": frozenset(RULES),
 }
 APPEND_ONLY = AUDIT  # no update or delete, for anyone
+# Whose reads a patient's Consent can close (their MO is the one named or not allowed).
+CONSENT_BINDS = frozenset({"mis", "clinician", "radiologist"})
+# Who may override a denial for an emergency, declaring the reason (purpose of use ETREAT).
+BREAK_THE_GLASS = frozenset({"clinician", "radiologist"})
+EMERGENCY_PURPOSE = "ETREAT"
 
 
 def category(resource_type: str) -> str:

@@ -382,3 +382,104 @@ def test_request_floods_get_429_with_retry_after(store_url, settings_for) -> Non
         # and the refusals are in the audit trail
         throttled, _ = hub.audit.records(count=100)
         assert sum(1 for rec in throttled if rec.status == 429) >= 4
+
+
+# --- patient consent and break-the-glass ------------------------------------------------------
+
+
+def _closing(pid: str, kind: str, orgs: list[str]) -> dict[str, Any]:
+    consent = _consent(pid)
+    provision: dict[str, Any] = {"type": kind}
+    if orgs:
+        provision["actor"] = [
+            {
+                "role": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                            "code": "IRCP",
+                        }
+                    ]
+                },
+                "reference": {"reference": f"Organization/{o}"},
+            }
+            for o in orgs
+        ]
+    consent["provision"] = provision
+    return consent
+
+
+def _seen(client, headers: dict[str, str]) -> set[str]:  # type: ignore[no-untyped-def]
+    r = client.get("/fhir/Observation?_total=accurate&_count=100", headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == len(_ids(body))  # hidden rows are not counted
+    return _ids(body)
+
+
+def test_consent_closes_a_record_to_named_mos_immediately(client, city) -> None:  # type: ignore[no-untyped-def]
+    mo12 = _as(client, "clinician", org="mo-12")
+    mo40 = _as(client, "clinician", org="mo-40")
+    everything = set(city["obs_a"]) | set(city["obs_b"])
+    assert _seen(client, mo12) >= everything
+    consent = _post(client, _closing(city["a"], "deny", ["mo-12"]))["id"]
+    seen12 = _seen(client, mo12)
+    assert not seen12 & set(city["obs_a"]) and set(city["obs_b"]) <= seen12
+    assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=mo12).status_code == 403
+    r = client.get(f"/fhir/Patient/{city['golden_a']}/$everything", headers=mo12)
+    assert r.status_code == 403
+    assert _seen(client, mo40) >= everything  # another MO is not concerned
+    mis12 = _as(client, "mis", org="mo-12")
+    assert not _seen(client, mis12) & set(city["obs_a"])
+    # withdrawn: open again at once
+    assert client.delete(f"/fhir/Consent/{consent}").status_code in (200, 204)
+    assert _seen(client, mo12) >= set(city["obs_a"])
+
+
+def test_deny_everyone_and_allow_only(client, city) -> None:  # type: ignore[no-untyped-def]
+    mo12 = _as(client, "clinician", org="mo-12")
+    mo40 = _as(client, "clinician", org="mo-40")
+    _post(client, _closing(city["b"], "deny", []))  # B: closed to every MO
+    _post(client, _closing(city["a"], "permit", ["mo-40"]))  # A: only MO 40
+    assert not _seen(client, mo12) & (set(city["obs_a"]) | set(city["obs_b"]))
+    seen40 = _seen(client, mo40)
+    assert set(city["obs_a"]) <= seen40 and not seen40 & set(city["obs_b"])
+    # the patient still reads their own record
+    me = _as(client, "patient", patient=city["golden_b"])
+    assert _seen(client, me) == set(city["obs_b"])
+
+
+def test_break_the_glass_is_allowed_audited_and_notified(client, city) -> None:  # type: ignore[no-untyped-def]
+    _post(client, _closing(city["a"], "deny", ["mo-12"]))
+    doc = _as(client, "clinician", org="mo-12", practitioner=city["practitioner"])
+    glass = {**doc, "X-Purpose-Of-Use": "ETREAT"}
+    # no reason, no entry
+    r = client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=glass)
+    assert r.status_code == 403 and "reason" in r.text
+    reason = "Пациент без сознания, приёмный покой"
+    r = client.get(
+        f"/fhir/Observation/{city['obs_a'][0]}",
+        headers={**glass, "X-Break-Glass-Reason": reason.encode()},  # UTF-8 bytes
+    )
+    assert r.status_code == 200, r.text
+    # audited with the purpose and the reason
+    trail = client.get(
+        f"/fhir/AuditEvent?entity=Observation/{city['obs_a'][0]}&subtype=read",
+        headers=_as(client, "admin"),
+    ).json()
+    event = trail["entry"][0]["resource"]
+    assert event["purposeOfEvent"][0]["coding"][0]["code"] == "ETREAT"
+    assert event["outcomeDesc"] == reason
+    # and the patient is told
+    notes = client.get(f"/fhir/Communication?subject=Patient/{city['a']}").json()
+    texts = [e["resource"]["payload"][0]["contentString"] for e in notes.get("entry", [])]
+    assert len(texts) == 1 and reason in texts[0]
+    mine = _as(client, "patient", patient=city["golden_a"])
+    assert client.get("/fhir/Communication", headers=mine).json()["entry"]
+    # an MIS cannot break the glass
+    mis = {
+        **_as(client, "mis", org="mo-12"),
+        "X-Purpose-Of-Use": "ETREAT",
+        "X-Break-Glass-Reason": "x",
+    }
+    assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=mis).status_code == 403

@@ -208,6 +208,7 @@ class CompartmentCond:
     owner_ids: tuple[str, ...]
     links: tuple[tuple[str, str], ...]
     expand: bool = False  # the owners' identity groups (see ReferenceCond)
+    negate: bool = False  # outside every owner's compartment (a patient's consent denial)
 
 
 @dataclass(frozen=True, slots=True)

@@ -780,12 +780,14 @@ class _Compiler:
                 x.c.target_type == c.owner_type,
             )
             if rt is not None and rt != c.owner_type:
-                return r.c.rid.in_(refs) if pids else false()
-            o = R.alias("owner")
-            owners = select(o.c.rid).where(o.c.rtype == c.owner_type, o.c.id.in_(owner_ids))
-            # one IN over a UNION (not "owner OR member"), so both engines drive the query
-            # from the two index lookups instead of scanning every resource
-            return r.c.rid.in_(union_all(refs, owners) if pids else owners)
+                inside: ColumnElement[bool] = r.c.rid.in_(refs) if pids else false()
+            else:
+                o = R.alias("owner")
+                owners = select(o.c.rid).where(o.c.rtype == c.owner_type, o.c.id.in_(owner_ids))
+                # one IN over a UNION (not "owner OR member"), so both engines drive the query
+                # from the two index lookups instead of scanning every resource
+                inside = r.c.rid.in_(union_all(refs, owners) if pids else owners)
+            return not_(inside) if c.negate else inside
         pid = self.pid(c.param, rt)
         if isinstance(c, TokenCond):
             t = s.idx_token
