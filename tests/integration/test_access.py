@@ -11,9 +11,7 @@ import pytest
 
 from hie.hub.auth import DEV_ISSUER, DevTokenIssuer
 from tests.fixtures.auth import bearer
-
-FJ = {"Content-Type": "application/fhir+json"}
-
+from tests.fixtures.records import FJ, GOLDEN, golden_id, observation, person, post
 
 NO_AUTH = {"Authorization": ""}  # drops the client fixture's default token
 
@@ -70,36 +68,6 @@ def test_a_good_token_is_served(client) -> None:  # type: ignore[no-untyped-def]
 
 # --- the policy over HTTP: patient A may never see patient B -----------------------------------
 
-GOLDEN = "https://hie.spb.ru/fhir/CodeSystem/mpi|golden"
-
-
-def _post(client, res: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    r = client.post(f"/fhir/{res['resourceType']}", json=res, headers=FJ)
-    assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def _person(family: str, given: str, birth: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "name": [{"family": family, "given": [given]}],
-        "birthDate": birth,
-        "gender": "female",
-    }
-
-
-def _obs(pid: str, value: float, performer: str | None = None) -> dict[str, Any]:
-    res: dict[str, Any] = {
-        "resourceType": "Observation",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
-        "subject": {"reference": f"Patient/{pid}"},
-        "valueQuantity": {"value": value, "unit": "g/L"},
-    }
-    if performer:
-        res["performer"] = [{"reference": f"Practitioner/{performer}"}]
-    return res
-
 
 def _consent(pid: str) -> dict[str, Any]:
     return {
@@ -121,16 +89,13 @@ def _consent(pid: str) -> dict[str, Any]:
 @pytest.fixture
 def city(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Two people with records (written by the hub's service role) and a practitioner."""
-    pr = _post(client, {"resourceType": "Practitioner", "name": [{"family": "Врачёва"}]})
-    a = _post(client, _person("Смирнова", "Ольга", "1980-01-02"))
-    b = _post(client, _person("Кузнецова", "Мария", "1975-05-06"))
-    golden = {}
-    for who, p in (("a", a), ("b", b)):
-        found = client.get(f"/fhir/Patient?_tag={GOLDEN}&link=Patient/{p['id']}").json()
-        golden[who] = found["entry"][0]["resource"]["id"]
-    obs_a = [_post(client, _obs(a["id"], 120 + i, pr["id"]))["id"] for i in range(3)]
-    obs_b = [_post(client, _obs(b["id"], 90 + i, pr["id"]))["id"] for i in range(2)]
-    consent_b = _post(client, _consent(b["id"]))["id"]
+    pr = post(client, {"resourceType": "Practitioner", "name": [{"family": "Врачёва"}]})
+    a = post(client, person("Смирнова", "Ольга", "1980-01-02"))
+    b = post(client, person("Кузнецова", "Мария", "1975-05-06"))
+    golden = {who: golden_id(client, p["id"]) for who, p in (("a", a), ("b", b))}
+    obs_a = [post(client, observation(a["id"], 120 + i, pr["id"]))["id"] for i in range(3)]
+    obs_b = [post(client, observation(b["id"], 90 + i, pr["id"]))["id"] for i in range(2)]
+    consent_b = post(client, _consent(b["id"]))["id"]
     return {
         "a": a["id"],
         "b": b["id"],
@@ -247,7 +212,7 @@ def test_patient_writes_only_their_consent(client, city) -> None:  # type: ignor
     assert r.status_code == 403
     assert client.delete(f"/fhir/Consent/{city['consent_b']}", headers=me).status_code == 403
     # a clinical write is not a patient's to make
-    r = client.post("/fhir/Observation", json=_obs(city["a"], 1.0), headers=me)
+    r = client.post("/fhir/Observation", json=observation(city["a"], 1.0), headers=me)
     assert r.status_code == 403
     # nor smuggled in a transaction
     bundle = {
@@ -321,7 +286,7 @@ def test_scopes_narrow_the_role(client, city) -> None:  # type: ignore[no-untype
 def test_mpi_operations_follow_the_table(client, city) -> None:  # type: ignore[no-untyped-def]
     params = {
         "resourceType": "Parameters",
-        "parameter": [{"name": "resource", "resource": _person("Смирнова", "Ольга", "1980-01-02")}],
+        "parameter": [{"name": "resource", "resource": person("Смирнова", "Ольга", "1980-01-02")}],
     }
     for role, status in (("clinician", 200), ("patient", 403), ("official", 403), ("admin", 403)):
         h = {**FJ, **_as(client, role, patient=city["golden_a"] if role == "patient" else None)}
@@ -422,7 +387,7 @@ def test_consent_closes_a_record_to_named_mos_immediately(client, city) -> None:
     mo40 = _as(client, "clinician", org="mo-40")
     everything = set(city["obs_a"]) | set(city["obs_b"])
     assert _seen(client, mo12) >= everything
-    consent = _post(client, _closing(city["a"], "deny", ["mo-12"]))["id"]
+    consent = post(client, _closing(city["a"], "deny", ["mo-12"]))["id"]
     seen12 = _seen(client, mo12)
     assert not seen12 & set(city["obs_a"]) and set(city["obs_b"]) <= seen12
     assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=mo12).status_code == 403
@@ -439,8 +404,8 @@ def test_consent_closes_a_record_to_named_mos_immediately(client, city) -> None:
 def test_deny_everyone_and_allow_only(client, city) -> None:  # type: ignore[no-untyped-def]
     mo12 = _as(client, "clinician", org="mo-12")
     mo40 = _as(client, "clinician", org="mo-40")
-    _post(client, _closing(city["b"], "deny", []))  # B: closed to every MO
-    _post(client, _closing(city["a"], "permit", ["mo-40"]))  # A: only MO 40
+    post(client, _closing(city["b"], "deny", []))  # B: closed to every MO
+    post(client, _closing(city["a"], "permit", ["mo-40"]))  # A: only MO 40
     assert not _seen(client, mo12) & (set(city["obs_a"]) | set(city["obs_b"]))
     seen40 = _seen(client, mo40)
     assert set(city["obs_a"]) <= seen40 and not seen40 & set(city["obs_b"])
@@ -450,7 +415,7 @@ def test_deny_everyone_and_allow_only(client, city) -> None:  # type: ignore[no-
 
 
 def test_break_the_glass_is_allowed_audited_and_notified(client, city) -> None:  # type: ignore[no-untyped-def]
-    _post(client, _closing(city["a"], "deny", ["mo-12"]))
+    post(client, _closing(city["a"], "deny", ["mo-12"]))
     doc = _as(client, "clinician", org="mo-12", practitioner=city["practitioner"])
     glass = {**doc, "X-Purpose-Of-Use": "ETREAT"}
     # no reason, no entry

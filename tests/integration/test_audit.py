@@ -16,50 +16,36 @@ from sqlalchemy.exc import DBAPIError
 from hie.hub.audit import audit_url
 from hie.hub.errors import StorageError
 from tests.fixtures.auth import bearer
-
-FJ = {"Content-Type": "application/fhir+json"}
-GOLDEN = "https://hie.spb.ru/fhir/CodeSystem/mpi|golden"
-
-
-def _post(client, res: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    r = client.post(f"/fhir/{res['resourceType']}", json=res, headers=FJ)
-    assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
-
-
-def _patient(family: str, given: str, birth: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "name": [{"family": family, "given": [given]}],
-        "birthDate": birth,
-        "gender": "male",
-    }
-
-
-def _obs(pid: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Observation",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
-        "subject": {"reference": f"Patient/{pid}"},
-    }
+from tests.fixtures.records import golden_id, observation, person, post
 
 
 @pytest.fixture
 def two(client) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    a = _post(client, _patient("Орлов", "Пётр", "1990-02-03"))["id"]
-    b = _post(client, _patient("Соколов", "Игорь", "1960-07-08"))["id"]
-    golden = {}
-    for k, p in (("a", a), ("b", b)):
-        found = client.get(f"/fhir/Patient?_tag={GOLDEN}&link=Patient/{p}").json()
-        golden[k] = found["entry"][0]["resource"]["id"]
+    a = post(client, person("Орлов", "Пётр", "1990-02-03"))["id"]
+    b = post(client, person("Соколов", "Игорь", "1960-07-08"))["id"]
+    golden = {k: golden_id(client, p) for k, p in (("a", a), ("b", b))}
     return {
         "a": a,
         "b": b,
         "golden_a": golden["a"],
-        "obs_a": _post(client, _obs(a))["id"],
-        "obs_b": _post(client, _obs(b))["id"],
+        "obs_a": post(client, observation(a))["id"],
+        "obs_b": post(client, observation(b))["id"],
     }
+
+
+def _verify_cli(client) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """``hie audit verify`` on the test hub's data."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
+    env |= {
+        "HIE_DATA_DIR": str(client.settings.data_dir),
+        "HIE_DATABASE_URL": client.settings.database_url,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "hie.cli", "audit", "verify"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def _trail(client, **params: str) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
@@ -198,33 +184,13 @@ def test_the_trail_is_append_only_and_tamper_evident(client, two, tmp_path) -> N
     result = trail.verify()
     assert not result.ok and result.first_bad == 2 and "changed" in result.problem
     # and the CLI says so with exit code 1
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
-    env |= {
-        "HIE_DATA_DIR": str(client.settings.data_dir),
-        "HIE_DATABASE_URL": client.settings.database_url,
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "hie.cli", "audit", "verify"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = _verify_cli(client)
     assert out.returncode == 1 and "BROKEN at record 2" in out.stderr
 
 
 def test_cli_verify_passes_on_an_intact_trail(client, two) -> None:  # type: ignore[no-untyped-def]
     client.get(f"/fhir/Observation/{two['obs_a']}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
-    env |= {
-        "HIE_DATA_DIR": str(client.settings.data_dir),
-        "HIE_DATABASE_URL": client.settings.database_url,
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "hie.cli", "audit", "verify"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    out = _verify_cli(client)
     assert out.returncode == 0, out.stderr
     assert "intact" in out.stdout
     assert audit_url(client.settings.database_url) == client.hub.audit.url
