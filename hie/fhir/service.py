@@ -65,7 +65,6 @@ from hie.hub.store.port import (
     Query,
     ReferenceCond,
     ResourceStore,
-    SortKey,
     StoredResource,
     TokenCond,
     TypeCond,
@@ -237,15 +236,8 @@ class FhirService:
     def _consent_denials(self, org: str | None) -> tuple[str, ...]:
         """Patients whose active Consent closes their record to MO ``org``: a ``deny`` that
         names it or names no one, or a ``permit`` that names only other MOs. Recomputed
-        whenever any Consent changes (a count and the newest change time say so)."""
-        probe = Query("Consent", sort=[SortKey("_lastUpdated", "lastUpdated", True)], count=1)
-        probe.total = True
-        page = self.store.search(probe)
-        generation = (
-            page.total,
-            page.items[0].version if page.items else 0,
-            page.items[0].last_updated if page.items else 0,
-        )
+        whenever any Consent changes (:meth:`ResourceStore.change_marker`)."""
+        generation = self.store.change_marker("Consent")
         with self._consent_lock:
             hit = self._consent_cache.get(org)
             if hit is not None and hit[0] == generation:

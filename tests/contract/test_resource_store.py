@@ -221,6 +221,35 @@ def test_compartment_and_references(store: ResourceStore) -> None:
     assert len(rev) == 10
 
 
+def test_compartment_can_be_excluded(store: ResourceStore) -> None:
+    _seed(store)
+    links = (("Observation", "subject"),)
+    outside = CompartmentCond("Patient", ("p1",), links, negate=True)
+    page = store.search(Query("Observation", [outside], count=100, total=True))
+    assert page.total == 10 and not set(_ids(page)) & {f"o{i}" for i in range(0, 20, 2)}
+    assert _ids(store.search(Query("Patient", [outside], count=100))) == ["p2"]
+
+
+def test_change_marker_moves_on_every_change_of_its_type(store: ResourceStore) -> None:
+    empty = store.change_marker("Consent")
+    assert empty == (0, 0)
+    _put(store, "Consent", "c1")
+    created = store.change_marker("Consent")
+    assert created != empty
+    _put(store, "Patient", "p1")
+    assert store.change_marker("Consent") == created  # other types do not move it
+    _put(store, "Consent", "c1")
+    updated = store.change_marker("Consent")
+    assert updated != created
+    with store.transaction() as tx:
+        cur = tx.current("Consent", "c1")
+        assert cur is not None
+        tx.write(
+            NewVersion("Consent", "c1", None, IndexRows(), "DELETE"), cur.version + 1, now_us()
+        )
+    assert store.change_marker("Consent") != updated
+
+
 def test_outbox_in_order_and_acknowledged(store: ResourceStore) -> None:
     _seed(store)
     events = store.outbox_read("idx", 5)

@@ -469,6 +469,11 @@ class ResourceStore(Protocol):
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq) for lag metrics."""
 
+    def change_marker(self, resource_type: str) -> tuple[int, int]:
+        """(how many resources of the type were ever created, newest change time): differs
+        after any create, update or delete of that type, so a cache keyed on it is never
+        stale (the consent rules use it)."""
+
     def iter_current(
         self, resource_type: str | None, batch: int = 1000
     ) -> Iterator[StoredResource]:

@@ -450,6 +450,12 @@ class SqlResourceStore:
                     update(t).where(t.c.consumer == consumer).values(last_seq=seq, updated=now_us())
                 )
 
+    def change_marker(self, resource_type: str) -> tuple[int, int]:
+        """(resources of the type, newest last_updated), from one index."""
+        with self._read() as conn:
+            row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
+        return int(row[0] or 0), int(row[1] or 0)
+
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq)."""
         with self._read() as conn:
@@ -664,6 +670,9 @@ _CURRENT = (
     .where(R.c.rtype == bindparam("rtype"), R.c.id == bindparam("id"))
 )
 _CURRENT_LOCKED = _CURRENT.with_for_update(of=R)
+_CHANGE_MARKER = select(func.count(), func.max(R.c.last_updated)).where(
+    R.c.rtype == bindparam("rtype")
+)
 _INSERT_RESOURCE = insert(R).returning(R.c.rid)
 _INSERT_HISTORY = insert(H)
 _INSERT_OUTBOX = insert(s.outbox)
