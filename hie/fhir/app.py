@@ -229,7 +229,10 @@ class AuditTrail:
                 if status >= 400 or scope["path"] not in UNAUDITED:
                     rec = _audit_record(scope, note, status)
                     try:
-                        await self.trail.append_async(rec)
+                        if self.trail.inline:
+                            self.trail.append_many([rec])
+                        else:
+                            await self.trail.append_async(rec)
                     except HieError as exc:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)

@@ -149,7 +149,11 @@ def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type:
     async def broken(_rec: object) -> object:
         raise StorageError("audit database is down")
 
+    def broken_now(_recs: object) -> None:
+        raise StorageError("audit database is down")
+
     monkeypatch.setattr(client.hub.audit, "append_async", broken)
+    monkeypatch.setattr(client.hub.audit, "append_many", broken_now)
     r = client.get(f"/fhir/Observation/{two['obs_a']}")
     assert r.status_code == 503
     assert r.json()["resourceType"] == "OperationOutcome"
