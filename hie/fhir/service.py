@@ -369,9 +369,11 @@ class FhirService:
             return
         patients = [r.id for r in items if r.resource_type == "Patient"]
         rids = [r.rid for r in items if r.resource_type != "Patient" and r.rid is not None]
-        if len(items) == 1 and rids:  # one resource: its own references say (no query)
-            patients = _patients_in(content_json(items[0]), items[0])
-        elif rids:
+        if rids and len(items) <= 20:  # a few resources: their own references say
+            for r in items:
+                if r.resource_type != "Patient":
+                    patients += _patients_in(content_json(r), r)
+        elif rids:  # a page: one query over the reference index
             patients += [
                 i for t, i in self.store.references_from(rids, _PATIENT_LINKS) if t == "Patient"
             ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -102,6 +103,9 @@ class SqlResourceStore:
         self._write_lock = threading.Lock()
         self._lock_file: int | None = None
         self._gap_marks: dict[tuple[str, int], int] = {}
+        self._markers: dict[str, tuple[int, tuple[int, int]]] = {}
+        self._probe: sqlite3.Connection | None = None
+        self._probe_lock = threading.Lock()
         if self.dialect == "sqlite":
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
             if path and path != ":memory:":
@@ -169,6 +173,10 @@ class SqlResourceStore:
     def close(self) -> None:
         """Dispose of the connection pool."""
         self.engine.dispose()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
@@ -451,10 +459,31 @@ class SqlResourceStore:
                 )
 
     def change_marker(self, resource_type: str) -> tuple[int, int]:
-        """(resources of the type, newest last_updated), from one index."""
+        """(resources of the type, newest last_updated), from one index. On SQLite the
+        answer is remembered until ``PRAGMA data_version`` says the database changed (a few
+        microseconds to ask), so a read-mostly hub rarely runs the query."""
+        version = self._data_version()
+        if version is not None:
+            hit = self._markers.get(resource_type)
+            if hit is not None and hit[0] == version:
+                return hit[1]
         with self._read() as conn:
             row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
-        return int(row[0] or 0), int(row[1] or 0)
+        marker = int(row[0] or 0), int(row[1] or 0)
+        if version is not None:
+            self._markers[resource_type] = (version, marker)
+        return marker
+
+    def _data_version(self) -> int | None:
+        """SQLite's count of commits by other connections, seen from a connection of our
+        own that never writes (None on PostgreSQL or an in-memory database)."""
+        if self.dialect != "sqlite" or self._lock_file is None:
+            return None
+        with self._probe_lock:
+            if self._probe is None:
+                path = self.url.split("///", 1)[1]
+                self._probe = sqlite3.connect(path, check_same_thread=False, timeout=30)
+            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
 
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq)."""
