@@ -10,9 +10,12 @@ Storage (:class:`SqlAuditLog`):
 
 - SQLite: its own database file (``audit.db`` beside the resource store), WAL with
   ``synchronous=NORMAL`` — a record is committed before the response, survives the hub's
-  process being killed, and never waits behind a long data transaction for the write lock;
-- PostgreSQL: tables in the hub's database, each insert committed with
-  ``synchronous_commit=off`` for the same reason.
+  process being killed, and never waits behind a long data transaction for the write lock.
+  The HTTP layer appends through the driver on its event loop (~60 µs a record; HTTP worker
+  processes hand the write lock over through an ``flock``);
+- PostgreSQL: tables in the hub's database, each batch committed with
+  ``synchronous_commit=off`` for the same reason, by a writer thread that commits whatever
+  requests queued meanwhile together (:meth:`SqlAuditLog.append_async`).
 
 Tamper evidence: each record's ``hash`` is SHA-256 over the previous record's hash and the
 record's canonical JSON, so changing, removing or reordering any record breaks every later
@@ -370,31 +373,10 @@ class SqlAuditLog:
                 with self.engine.begin() as conn:
                     self._serialise(conn)
                     last = conn.execute(_LAST).first()
-                    prev = last.hash if last else GENESIS
-                    seq = last.seq if last else 0
-                    rows, refs = [], []
-                    for rec in recs:
-                        seq += 1
-                        rec.seq, rec.recorded = seq, rec.recorded or now
-                        body = rec.canonical()
-                        digest = chain_hash(prev, body)
-                        rows.append(
-                            {
-                                "seq": seq,
-                                "recorded": rec.recorded,
-                                "body": body,
-                                "prev_hash": prev,
-                                "hash": digest,
-                            }
-                        )
-                        prev = digest
-                        about = dict.fromkeys(
-                            [*(f"Patient/{p}" for p in rec.patients), *rec.entities]
-                        )
-                        refs += [{"ref": r[:160], "seq": seq} for r in about]
-                    conn.execute(_INSERT_LOG, rows)
+                    rows, refs = _chain(recs, tuple(last) if last else None, now)
+                    conn.execute(_INSERT_LOG, [dict(zip(_LOG_COLS, r, strict=True)) for r in rows])
                     if refs:
-                        conn.execute(_INSERT_REF, refs)
+                        conn.execute(_INSERT_REF, [{"ref": r, "seq": q} for r, q in refs])
             finally:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -419,17 +401,7 @@ class SqlAuditLog:
             last = cur.execute(
                 "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
             ).fetchone()
-            prev, seq = (last[1], last[0]) if last else (GENESIS, 0)
-            rows, refs = [], []
-            for rec in recs:
-                seq += 1
-                rec.seq, rec.recorded = seq, rec.recorded or now
-                body = rec.canonical()
-                digest = chain_hash(prev, body)
-                rows.append((seq, rec.recorded, body, prev, digest))
-                prev = digest
-                about = dict.fromkeys([*(f"Patient/{p}" for p in rec.patients), *rec.entities])
-                refs += [(r[:160], seq) for r in about]
+            rows, refs = _chain(recs, last, now)
             cur.executemany(
                 "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
                 rows,
@@ -549,6 +521,29 @@ class SqlAuditLog:
                 for role in rec.get("roles") or ["(none)"]:
                     roles[role] = roles.get(role, 0) + 1
         return {"by_outcome": outcome, "by_role": roles}
+
+
+_LOG_COLS = ("seq", "recorded", "body", "prev_hash", "hash")
+
+
+def _chain(
+    recs: Sequence[AuditRecord], last: tuple[int, str] | None, now: int
+) -> tuple[list[tuple[int, int, bytes, str, str]], list[tuple[str, int]]]:
+    """Number and link ``recs`` after ``last`` (seq, hash): the audit_log rows (in
+    ``_LOG_COLS`` order) and the audit_ref rows."""
+    seq, prev = last if last else (0, GENESIS)
+    rows: list[tuple[int, int, bytes, str, str]] = []
+    refs: list[tuple[str, int]] = []
+    for rec in recs:
+        seq += 1
+        rec.seq, rec.recorded = seq, rec.recorded or now
+        body = rec.canonical()
+        digest = chain_hash(prev, body)
+        rows.append((seq, rec.recorded, body, prev, digest))
+        prev = digest
+        about = dict.fromkeys([*(f"Patient/{p}" for p in rec.patients), *rec.entities])
+        refs += [(r[:160], seq) for r in about]
+    return rows, refs
 
 
 def chain_hash(prev: str, body: bytes) -> str:
