@@ -38,6 +38,7 @@ from hie.hub.auth import (
     TooManyRequests,
     Unauthenticated,
     current_principal,
+    smart_configuration,
 )
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
@@ -97,7 +98,9 @@ class RequestContext:
 
 # Open without a token: the health probe, the CapabilityStatement (read by a client before it
 # has a token) and the portal's login page.
-OPEN_PATHS = frozenset({"/healthz", "/fhir/metadata", "/portal/login"})
+OPEN_PATHS = frozenset(
+    {"/healthz", "/fhir/metadata", "/fhir/.well-known/smart-configuration", "/portal/login"}
+)
 
 
 class Authenticate:
@@ -366,6 +369,11 @@ def create_app(
             "outbox_lag": max(0, newest - acked),
             "version": __version__,
         }
+
+    @app.get("/fhir/.well-known/smart-configuration", tags=["auth"])
+    def smart_config() -> Response:
+        """SMART App Launch discovery: where to get a token, what the hub accepts."""
+        return Response(orjson.dumps(smart_configuration(settings)), media_type="application/json")
 
     @app.get("/metrics")
     def metrics() -> Response:

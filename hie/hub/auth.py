@@ -427,6 +427,66 @@ class JwksSource:
         log.info("auth.jwks.fetched", issuer=self.issuer, keys=len(keys))
 
 
+SMART_CAPABILITIES = (
+    "launch-standalone",
+    "client-public",
+    "client-confidential-symmetric",
+    "client-confidential-asymmetric",
+    "context-standalone-patient",
+    "permission-patient",
+    "permission-user",
+    "permission-v1",
+    "permission-v2",
+    "sso-openid-connect",
+)
+
+
+def smart_configuration(
+    settings: Settings, fetch: Callable[[str], dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The SMART App Launch discovery document (``/.well-known/smart-configuration``): the
+    identity provider's endpoints (read from its OpenID configuration) and what this hub
+    accepts. Without an issuer (development) there is no authorization server: tokens come
+    from ``hie token``."""
+    doc: dict[str, Any] = {
+        "issuer": settings.oidc_issuer or DEV_ISSUER,
+        "scopes_supported": [
+            "openid",
+            "fhirUser",
+            "launch/patient",
+            "offline_access",
+            "patient/*.rs",
+            "user/*.rs",
+            "system/*.cruds",
+        ],
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code", "client_credentials"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic"],
+        "capabilities": list(SMART_CAPABILITIES),
+    }
+    if not settings.oidc_issuer:
+        return doc
+    try:
+        conf = (fetch or _http_json)(
+            f"{settings.oidc_issuer.rstrip('/')}/.well-known/openid-configuration"
+        )
+    except (httpx.HTTPError, ValueError) as exc:
+        log.warning("auth.discovery.unavailable", error=str(exc)[:200])
+        return doc
+    for key in (
+        "jwks_uri",
+        "authorization_endpoint",
+        "token_endpoint",
+        "introspection_endpoint",
+        "revocation_endpoint",
+        "userinfo_endpoint",
+    ):
+        if conf.get(key):
+            doc[key] = conf[key]
+    return doc
+
+
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 

@@ -448,3 +448,14 @@ def test_break_the_glass_is_allowed_audited_and_notified(client, city) -> None: 
         "X-Break-Glass-Reason": "x",
     }
     assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=mis).status_code == 403
+
+
+def test_smart_configuration_is_open_and_says_what_is_accepted(client) -> None:  # type: ignore[no-untyped-def]
+    r = client.get("/fhir/.well-known/smart-configuration", headers=NO_AUTH)
+    assert r.status_code == 200
+    conf = r.json()
+    assert conf["issuer"] == DEV_ISSUER  # development: tokens come from `hie token`
+    assert {"permission-v2", "permission-v1", "context-standalone-patient"} <= set(
+        conf["capabilities"]
+    )
+    assert "S256" in conf["code_challenge_methods_supported"]

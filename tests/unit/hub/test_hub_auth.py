@@ -381,3 +381,14 @@ def test_rate_limiter_token_bucket() -> None:
     with pytest.raises(TooManyRequests):
         lim.check("a")
     assert RateLimiter(rate=0, burst=0).check("x") is None  # 0 disables
+
+
+def test_smart_configuration_names_the_providers_endpoints(
+    tmp_path: Path, provider: _Provider
+) -> None:
+    from hie.hub.auth import smart_configuration
+
+    conf = smart_configuration(load_settings(data_dir=tmp_path, oidc_issuer=provider.url))
+    assert conf["issuer"] == provider.url and conf["jwks_uri"] == provider.url + "/jwks"
+    gone = smart_configuration(load_settings(data_dir=tmp_path, oidc_issuer="http://127.0.0.1:9"))
+    assert "jwks_uri" not in gone and gone["capabilities"]  # provider down: what we know
