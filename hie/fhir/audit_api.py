@@ -6,9 +6,10 @@ entities of role *patient* and the resources touched, the query of a search. A p
 the records about them (any MO's record of them: the master patient index's group); admins
 and the hub's service role see all; no one else sees the trail (``hie/hub/policy.py``).
 
-Search parameters: ``patient``, ``entity``, ``subtype`` (comma-separated), ``date`` (``ge``,
-``gt``, ``le``, ``lt``), ``_count``, and the ``_cursor`` of a next link. The trail cannot be
-written through the API.
+``AuditEvent/$stats`` (officials, admins) counts records by outcome and role since a date,
+naming no one. Search parameters: ``patient``, ``entity``, ``subtype`` (comma-separated),
+``date`` (``ge``, ``gt``, ``le``, ``lt``), ``_count``, and the ``_cursor`` of a next link. The
+trail cannot be written through the API.
 """
 
 from __future__ import annotations
@@ -234,6 +235,34 @@ def audit_router(svc: FhirService, trail: SqlAuditLog, settings: Settings) -> AP
         if mine is not None and not set(rec.patients) & set(mine):
             raise Forbidden(f"AuditEvent/{id} is not about this patient")
         return audit_event(rec, url_base)
+
+    def stats(items: list[tuple[str, str]]) -> Json:
+        svc.operation("audit-stats")
+        since = None
+        for key, value in items:
+            if key == "since":
+                since = require_range(value, "since")[0]
+            elif key not in ("_format", "_pretty"):
+                raise InvalidRequest(f"$stats does not support {key!r}")
+        counts = trail.stats(since)
+        note_access("audit-stats", action="E")
+        params: list[Json] = []
+        for group, by in (("outcome", counts["by_outcome"]), ("role", counts["by_role"])):
+            for key, n in sorted(by.items()):
+                params.append(
+                    {
+                        "name": group,
+                        "part": [
+                            {"name": "value", "valueString": key},
+                            {"name": "count", "valueInteger": n},
+                        ],
+                    }
+                )
+        return {"resourceType": "Parameters", "parameter": params}
+
+    @router.get("/AuditEvent/$stats", summary="Audit counts by outcome and role (no one named)")
+    async def audit_stats(request: Request) -> Response:
+        return fhir_response(await run_in_threadpool(stats, query_items(request)))
 
     @router.get("/AuditEvent", summary="The audit trail (IHE BALP AuditEvents)")
     async def audit_search(request: Request) -> Response:

@@ -103,6 +103,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "patient-pix": frozenset({"service", "mis", "clinician", "radiologist"}),  # PIXm
     "patient-merge": frozenset({"service", "mis", "admin"}),  # $merge, $unmerge, ADT A40
     "mpi-explain": frozenset({"service", "admin"}),
+    "audit-stats": frozenset({"service", "admin", "official"}),  # counts, no one named
     "validate": frozenset(RULES),
 }
 APPEND_ONLY = AUDIT  # no update or delete, for anyone

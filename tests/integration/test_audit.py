@@ -198,3 +198,21 @@ def test_cli_verify_passes_on_an_intact_trail(client, two) -> None:  # type: ign
     assert out.returncode == 0, out.stderr
     assert "intact" in out.stdout
     assert audit_url(client.settings.database_url) == client.hub.audit.url
+
+
+def test_officials_get_counts_not_records(client, two) -> None:  # type: ignore[no-untyped-def]
+    doc = bearer(client.settings, "clinician")
+    client.get(f"/fhir/Observation/{two['obs_a']}", headers=doc)
+    client.get("/fhir/Observation/none", headers=doc)  # 404: a minor failure
+    off = bearer(client.settings, "official")
+    assert client.get("/fhir/AuditEvent", headers=off).status_code == 403
+    r = client.get("/fhir/AuditEvent/$stats?since=2020-01-01", headers=off)
+    assert r.status_code == 200, r.text
+    counts = {
+        (p["name"], p["part"][0]["valueString"]): p["part"][1]["valueInteger"]
+        for p in r.json()["parameter"]
+    }
+    assert counts[("role", "clinician")] >= 2
+    assert counts[("outcome", "0")] >= 1 and counts[("outcome", "4")] >= 1
+    assert two["a"] not in r.text and two["obs_a"] not in r.text
+    assert client.get("/fhir/AuditEvent/$stats", headers=doc).status_code == 403
