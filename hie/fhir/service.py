@@ -384,7 +384,7 @@ class FhirService:
             patients=patients,
         )
 
-    def _visible(self, items: list[StoredResource], permission: str = "r") -> list[StoredResource]:
+    def visible(self, items: list[StoredResource], permission: str = "r") -> list[StoredResource]:
         """The resources of ``items`` the current principal may see (others dropped)."""
         by_type: dict[str, list[StoredResource]] = {}
         for r in items:
@@ -832,7 +832,7 @@ class FhirService:
             out.extend(r for r in found if (r.resource_type, r.id) not in seen)
             seen.update((r.resource_type, r.id) for r in found)
         unique = {(r.resource_type, r.id): r for r in out}
-        shown = self._visible(list(unique.values()))
+        shown = self.visible(list(unique.values()))
         self._note(shown, "search")
         return [self._entry(base, r, "include", None) for r in shown]
 
@@ -944,7 +944,7 @@ class FhirService:
             for t in self.store.references_from(rids, None)
             if t[0] not in _COMPARTMENT_TYPES and t not in seen
         ]
-        included = self._visible(self.store.read_many(refs))
+        included = self.visible(self.store.read_many(refs))
         entries.extend(self._entry(base, r, "include", None) for r in included)
         path = f"/Patient/{id}/$everything"
         links = [{"relation": "self", "url": self._url(base, path, items)}]

@@ -373,7 +373,8 @@ class MasterPatientIndex:
                 continue
             found.append((gid, m, grade))
         found = found[:count]
-        stored = {r.id: r for r in self.store.read_many([(P, gid) for gid, _, _ in found])}
+        golden = self.store.read_many([(P, gid) for gid, _, _ in found])
+        stored = {r.id: r for r in self.svc.visible(golden, "s")}  # the caller's rows only
         return [
             GoldenMatch(stored[gid], m, grade, self.probability(m))
             for gid, m, grade in found
@@ -434,7 +435,11 @@ class MasterPatientIndex:
         with self.store.identity_reader() as idx:
             group = idx.group_of(P, found[0])
             ids = [m.id for m in idx.members(P, group)] if group else found
-        records = self.store.read_many([(P, i) for i in ids])
+        # the caller's rows only: a person who closed their record to the caller's MO is
+        # not cross-referenced for it
+        records = self.svc.visible(self.store.read_many([(P, i) for i in ids]), "s")
+        if not records:
+            raise UnknownPatient(f"no patient has the identifier {system}|… (sourceIdentifier)")
         identifiers: dict[tuple[str, str], Json] = {}
         for r in records:
             for ident in content_json(r).get("identifier") or []:

@@ -459,3 +459,20 @@ def test_smart_configuration_is_open_and_says_what_is_accepted(client) -> None: 
         conf["capabilities"]
     )
     assert "S256" in conf["code_challenge_methods_supported"]
+
+
+def test_match_does_not_show_a_closed_record(client, city) -> None:  # type: ignore[no-untyped-def]
+    post(client, _closing(city["a"], "deny", ["mo-12"]))
+    params = {
+        "resourceType": "Parameters",
+        "parameter": [{"name": "resource", "resource": person("Смирнова", "Ольга", "1980-01-02")}],
+    }
+
+    def found(org: str) -> set[str]:
+        h = {**FJ, **_as(client, "clinician", org=org)}
+        r = client.post("/fhir/Patient/$match", json=params, headers=h)
+        assert r.status_code == 200, r.text
+        return _ids(r.json())
+
+    assert city["golden_a"] in found("mo-40")
+    assert city["golden_a"] not in found("mo-12")
