@@ -42,7 +42,6 @@ import orjson
 from sqlalchemy import (
     BigInteger,
     Column,
-    Connection,
     Engine,
     Index,
     Integer,
@@ -253,14 +252,12 @@ class SqlAuditLog:
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
         if self.dialect == "sqlite":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, pool_size=8, max_overflow=8)
-            _sqlite_hooks(self.engine, immediate=True)
-            self.reader = create_engine(url, pool_size=4, max_overflow=8)
-            _sqlite_hooks(self.reader, immediate=False)
+            # schema and reads; appends go through the driver (_append_sqlite)
+            self.engine: Engine = create_engine(url, pool_size=4, max_overflow=8)
+            _sqlite_hooks(self.engine)
         else:
             pg = url.replace("postgresql://", "postgresql+psycopg://", 1)
             self.engine = create_engine(pg, pool_size=8, max_overflow=8, pool_pre_ping=True)
-            self.reader = self.engine
         self._lock = threading.Lock()  # one appender per process at a time (the chain)
         self._lock_file: int | None = None
         if self.dialect == "sqlite":  # processes hand the write lock over, not sleep for it
@@ -291,7 +288,6 @@ class SqlAuditLog:
                 self._raw.close()
                 self._raw = None
         self.engine.dispose()
-        self.reader.dispose()
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
@@ -371,7 +367,9 @@ class SqlAuditLog:
                         raise StorageError("the audit trail is unavailable") from exc
                     return
                 with self.engine.begin() as conn:
-                    self._serialise(conn)
+                    # PostgreSQL: no wait for the WAL flush, one appender at a time (the chain)
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
                     last = conn.execute(_LAST).first()
                     rows, refs = _chain(recs, tuple(last) if last else None, now)
                     conn.execute(_INSERT_LOG, [dict(zip(_LOG_COLS, r, strict=True)) for r in rows])
@@ -421,13 +419,6 @@ class SqlAuditLog:
         round trip) rather than through the writer thread."""
         return self.dialect == "sqlite"
 
-    def _serialise(self, conn: Connection) -> None:
-        if self.dialect == "sqlite":
-            conn.exec_driver_sql("SELECT 1")  # BEGIN IMMEDIATE is issued by the begin hook
-        else:
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
-
     def records(
         self,
         *,
@@ -454,7 +445,7 @@ class SqlAuditLog:
         stmt = stmt.order_by(audit_log.c.seq.desc())
         out: list[AuditRecord] = []
         more: int | None = None
-        with self.reader.connect() as conn:
+        with self.engine.connect() as conn:
             for r in conn.execute(stmt.limit(None if subtypes else count + 1)):
                 rec = _record(bytes(r.body))
                 if subtypes and rec.subtype not in subtypes:
@@ -467,20 +458,20 @@ class SqlAuditLog:
 
     def read(self, seq: int) -> AuditRecord | None:
         """One record by its position."""
-        with self.reader.connect() as conn:
+        with self.engine.connect() as conn:
             body = conn.execute(select(audit_log.c.body).where(audit_log.c.seq == seq)).scalar()
         return _record(bytes(body)) if body is not None else None
 
     def count(self) -> int:
         """How many records the trail holds."""
-        with self.reader.connect() as conn:
+        with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(audit_log)).scalar_one())
 
     def verify(self, batch: int = 5000) -> VerifyResult:
         """Walk the chain from the first record: each ``prev_hash`` is the previous ``hash``,
         each ``hash`` covers its body, ``seq`` has no gaps."""
         prev, expected, checked = GENESIS, 1, 0
-        with self.reader.connect() as conn:
+        with self.engine.connect() as conn:
             while True:
                 rows = conn.execute(
                     select(audit_log)
@@ -514,7 +505,7 @@ class SqlAuditLog:
             stmt = stmt.where(audit_log.c.recorded >= since)
         outcome: dict[str, int] = {}
         roles: dict[str, int] = {}
-        with self.reader.connect() as conn:
+        with self.engine.connect() as conn:
             for (body,) in conn.execute(stmt):
                 rec = orjson.loads(body)
                 outcome[str(rec["outcome"])] = outcome.get(str(rec["outcome"]), 0) + 1
@@ -555,21 +546,14 @@ def _record(body: bytes) -> AuditRecord:
     return AuditRecord(**orjson.loads(body))
 
 
-def _sqlite_hooks(engine: Engine, *, immediate: bool) -> None:
+def _sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # transactions are ours (BEGIN below)
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # appends take the write lock at once (the chain's last hash must not change under
-        # them); readers never block an append
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def open_audit_log(database_url: str, configured: str = "") -> SqlAuditLog:

@@ -149,7 +149,6 @@ class Principal:
     token_id: str | None = None
     name: str | None = None
     expires: int | None = None
-    source: str | None = None  # network address, filled in by the edge
     purpose: str | None = None  # purpose of use declared for this request (ETREAT: emergency)
     purpose_reason: str | None = None  # the reason declared with it (break-the-glass)
     claims: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -441,6 +440,9 @@ SMART_CAPABILITIES = (
 )
 
 
+_DISCOVERY: dict[str, tuple[float, dict[str, Any]]] = {}  # issuer → (fetched, document)
+
+
 def smart_configuration(
     settings: Settings, fetch: Callable[[str], dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -467,13 +469,17 @@ def smart_configuration(
     }
     if not settings.oidc_issuer:
         return doc
-    try:
-        conf = (fetch or _http_json)(
-            f"{settings.oidc_issuer.rstrip('/')}/.well-known/openid-configuration"
-        )
-    except (httpx.HTTPError, ValueError) as exc:
-        log.warning("auth.discovery.unavailable", error=str(exc)[:200])
-        return doc
+    issuer = settings.oidc_issuer.rstrip("/")
+    hit = _DISCOVERY.get(issuer)
+    if hit is not None and time.monotonic() - hit[0] < settings.oidc_jwks_cache_seconds:
+        conf = hit[1]  # an open endpoint must not make the hub call the provider each time
+    else:
+        try:
+            conf = (fetch or _http_json)(f"{issuer}/.well-known/openid-configuration")
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("auth.discovery.unavailable", error=str(exc)[:200])
+            return doc
+        _DISCOVERY[issuer] = (time.monotonic(), conf)
     for key in (
         "jwks_uri",
         "authorization_endpoint",
