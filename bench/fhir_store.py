@@ -65,7 +65,12 @@ AUTH: dict[str, dict[str, str]] = {}  # base URL → Authorization header of its
 
 @contextlib.contextmanager
 def hub_server(
-    data_dir: Path, database_url: str, *, role: str = "service", **env_extra: str
+    data_dir: Path,
+    database_url: str,
+    *,
+    role: str = "service",
+    org: str | None = None,
+    **env_extra: str,
 ) -> Iterator[str]:
     """A real `hie serve` process (``env_extra``: more ``HIE_*`` variables); yields its base
     URL. ``AUTH[base]`` holds a bearer token of ``role`` for it."""
@@ -91,7 +96,7 @@ def hub_server(
     )
     base = f"http://127.0.0.1:{port}"
     # a service token signed with the development key of the hub's data dir
-    token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue(role, ttl=24 * 3600)
+    token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue(role, org=org, ttl=24 * 3600)
     AUTH[base] = {"Authorization": f"Bearer {token}"}
     try:
         deadline = time.monotonic() + 60
@@ -126,10 +131,19 @@ def _prepare_chunk(job: tuple[str, str, int, list[str], int]) -> list[Any]:
     return out
 
 
-def preload(database_url: str, data_dir: Path, n_obs: int, n_patients: int, seed: int) -> list[str]:
+def preload(
+    database_url: str,
+    data_dir: Path,
+    n_obs: int,
+    n_patients: int,
+    seed: int,
+    *,
+    care_org: str | None = None,
+) -> list[str]:
     """Store ``n_patients`` patients and ``n_obs`` Observations through the service code
-    (validation and index extraction included, in worker processes) in bulk transactions.
-    Returns the patient ids."""
+    (validation and index extraction included, in worker processes) in bulk transactions;
+    with ``care_org``, an open Encounter of each patient at that MO (a care relationship for
+    the access policy). Returns the patient ids."""
     from multiprocessing import get_context
 
     settings = load_settings(data_dir=data_dir, database_url=database_url)
@@ -140,6 +154,16 @@ def preload(database_url: str, data_dir: Path, n_obs: int, n_patients: int, seed
     pids = [f"bench-p{i:06d}" for i in range(n_patients)]
     started = time.perf_counter()
     batch = [(svc.prepare(gen.patient(), "Patient", pid, 1, now_us(), "PUT"), 1) for pid in pids]
+    if care_org:
+        batch += [
+            (
+                svc.prepare(
+                    _encounter(pid, care_org), "Encounter", f"enc-{pid}", 1, now_us(), "PUT"
+                ),
+                1,
+            )
+            for pid in pids
+        ]
     with store.transaction() as tx:
         tx.write_many(batch, now_us())
     per = n_obs // n_patients
@@ -164,6 +188,16 @@ def preload(database_url: str, data_dir: Path, n_obs: int, n_patients: int, seed
     store.close()
     print(f"\r  preloaded {done:,} Observations in {time.perf_counter() - started:,.0f} s   ")
     return pids
+
+
+def _encounter(pid: str, org: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{pid}"},
+        "serviceProvider": {"reference": f"Organization/{org}"},
+    }
 
 
 def bench_ingest(base: str, clients: int, bundles_per_client: int, seed: int) -> dict[str, float]:

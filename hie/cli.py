@@ -196,6 +196,10 @@ def token(
     org: Annotated[str | None, typer.Option(help="Organization id of the caller's MO.")] = None,
     practitioner: Annotated[str | None, typer.Option(help="Practitioner id.")] = None,
     patient: Annotated[str | None, typer.Option(help="Patient id (role patient).")] = None,
+    person: Annotated[
+        str | None,
+        typer.Option(help="The caller's own Patient id when acting as a proxy for --patient."),
+    ] = None,
     scope: Annotated[
         str | None, typer.Option(help="SMART scopes (default: what the role uses).")
     ] = None,
@@ -215,6 +219,7 @@ def token(
                 org=org,
                 practitioner=practitioner,
                 patient=patient,
+                person=person,
                 scope=scope,
                 subject=subject,
                 ttl=ttl,
@@ -450,6 +455,144 @@ def terminology_load(
     updated = sum(len(r.updated) for r in reports)
     unchanged = sum(len(r.unchanged) for r in reports)
     typer.echo(f"terminology: {created} created, {updated} updated, {unchanged} unchanged")
+
+
+# --- messages: the rejected-message store -----------------------------------------------------
+
+messages_app = typer.Typer(
+    help="Messages the listeners rejected or failed on, kept with their raw bytes for replay.",
+    no_args_is_help=True,
+)
+app.add_typer(messages_app, name="messages")
+
+
+def _shown_time(value: object) -> str:
+    """A stored UTC time as the hub displays times: Europe/Moscow, with its offset."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    if not isinstance(value, datetime):
+        return "-"
+    return value.astimezone(ZoneInfo("Europe/Moscow")).isoformat(sep=" ", timespec="seconds")
+
+
+def _readable(raw: bytes) -> tuple[str, str]:
+    """A kept message as text for a terminal, and the encoding it was read with: segment
+    separators (CR, HL7 v2.5.1 §2.5.2) become new lines; other control bytes are shown as
+    ``\\xNN`` so nothing the sender sent is hidden or moves the cursor."""
+    try:
+        text, encoding = raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        # the region's legacy systems send Windows-1251 (MSH-18 "CP1251" and the like)
+        text, encoding = raw.decode("cp1251", errors="replace"), "windows-1251"
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    shown = "".join(c if c in "\n\t" or c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return shown, encoding
+
+
+@messages_app.command("list")
+def messages_list(
+    status: Annotated[
+        str | None, typer.Option(help="open, replayed or discarded (default: all).")
+    ] = None,
+    channel: Annotated[str | None, typer.Option(help="mllp, dicom, stow, fhir, …")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50,
+) -> None:
+    """List kept messages, newest first.
+
+    One line each: id, received, channel, sender, kind, code, size, status and reason,
+    columns separated by at least two spaces.
+    """
+    from hie.hub.errors import InvalidRequest
+    from hie.hub.rejected import open_rejected_store
+
+    settings = _settings()
+    store = open_rejected_store(settings.database_url)
+    try:
+        store.migrate()
+        rows = store.list(status=status, channel=channel, limit=limit)
+    except InvalidRequest as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        store.close()
+    if not rows:
+        typer.echo("no kept messages", err=True)
+        return
+    table = [("ID", "RECEIVED", "CHANNEL", "SENDER", "KIND", "CODE", "SIZE", "STATUS", "REASON")]
+    for m in rows:
+        table.append(
+            (
+                str(m.id),
+                _shown_time(m.received),
+                m.channel,
+                m.sender or "-",
+                m.kind,
+                m.code or "-",
+                str(m.size),
+                m.status,
+                " ".join(m.reason.split()) or "-",  # one line per message
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
+    for r in table:
+        typer.echo("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]))
+
+
+@messages_app.command("show")
+def messages_show(
+    ident: Annotated[int, typer.Argument(metavar="ID", help="The message's id (messages list).")],
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Write the message's exact bytes to stdout, nothing else.")
+    ] = False,
+) -> None:
+    """Show one kept message and what is known about it.
+
+    The message is printed with one segment per line; with --raw only its bytes, exactly as
+    received, are written.
+    """
+    from hie.hub.rejected import open_rejected_store
+
+    settings = _settings()
+    store = open_rejected_store(settings.database_url)
+    try:
+        store.migrate()
+        msg = store.get(ident)
+    finally:
+        store.close()
+    if msg is None or msg.raw is None:
+        typer.echo(f"no kept message {ident}", err=True)
+        raise typer.Exit(1)
+    if raw:
+        out = typer.get_binary_stream("stdout")
+        out.write(msg.raw)
+        out.flush()
+        return
+    fields = [
+        ("id", str(msg.id)),
+        ("received", _shown_time(msg.received)),
+        ("channel", msg.channel),
+        ("sender", msg.sender or "-"),
+        ("peer", msg.peer or "-"),
+        ("kind", msg.kind),
+        ("code", msg.code or "-"),
+        ("reason", msg.reason or "-"),
+        ("control id", msg.control_id or "-"),
+        ("size", f"{msg.size} bytes"),
+        ("status", msg.status),
+    ]
+    if msg.replayed_at is not None:
+        fields += [("replayed", _shown_time(msg.replayed_at))]
+        fields += [("outcome", msg.replay_outcome or "-")]
+    if msg.discarded_at is not None:
+        fields += [("discarded", _shown_time(msg.discarded_at))]
+        fields += [("why", msg.discard_reason or "-")]
+    for name, value in fields:
+        typer.echo(f"{name + ':':<12}{value}")
+    text, encoding = _readable(msg.raw)
+    kept = f"{len(msg.raw)} bytes" + (f" of {msg.size}" if len(msg.raw) != msg.size else "")
+    typer.echo(f"\n--- message ({kept}, shown as {encoding}) ---")
+    typer.echo(text.rstrip("\n"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -209,11 +209,11 @@ class AuditTrail:
         self,
         app: ASGIApp,
         trail: SqlAuditLog,
-        on_override: Callable[[AccessNote, AuditRecord], None] | None = None,
+        on_override: Callable[[Principal | None, AccessNote, AuditRecord], None] | None = None,
     ) -> None:
         self.app = app
         self.trail = trail
-        self.on_override = on_override  # tells patients whose denial an emergency lifted
+        self.on_override = on_override  # tells patients whose records an emergency opened
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -241,7 +241,8 @@ class AuditTrail:
                         await _refuse(send, exc, None, challenge=False)
                         return
                     if note.overridden and status < 400 and self.on_override is not None:
-                        await run_in_threadpool(self.on_override, note, rec)
+                        principal = scope.get("state", {}).get("principal")
+                        await run_in_threadpool(self.on_override, principal, note, rec)
             await send(message)
 
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ import jsonpatch
 import orjson
 
 from hie.fhir import model
+from hie.fhir.access import Access, check_author, label_sensitive
 from hie.fhir.dates import format_instant, require_range
 from hie.fhir.extract import extract
 from hie.fhir.indexing import FULLTEXT_TYPES
@@ -32,8 +32,8 @@ from hie.fhir.search import (
     parse_search,
 )
 from hie.fhir.searchparams import PATIENT_COMPARTMENT, params_for
-from hie.hub.audit import SqlAuditLog, current_access, note_access
-from hie.hub.auth import Forbidden, current_principal
+from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access, note_access
+from hie.hub.auth import Forbidden, Principal, current_principal
 from hie.hub.errors import (
     Gone,
     HieError,
@@ -45,15 +45,7 @@ from hie.hub.errors import (
     Unprocessable,
     VersionConflict,
 )
-from hie.hub.policy import (
-    BREAK_THE_GLASS,
-    CONSENT_BINDS,
-    EMERGENCY_PURPOSE,
-    EVERYTHING,
-    AccessPolicy,
-    Grant,
-    category,
-)
+from hie.hub.policy import EVERYTHING, AccessPolicy, Grant
 from hie.hub.search.port import SearchIndex
 from hie.hub.settings import Settings
 from hie.hub.store.port import (
@@ -193,146 +185,39 @@ class FhirService:
         self.search_index = search_index
         self.mpi: PatientWrites | None = None  # set by the app (hie.registries.patient_index)
         self.policy = AccessPolicy(PATIENT_COMPARTMENT)
+        self.access = Access(store, self.policy)
         # The HTTP app sets this: a call without a principal is then refused rather than
         # trusted. In-process callers (CLI, demo, adapters' own principal) leave it off.
         self.require_principal = require_principal
         self.trail = trail  # the audit trail, for events the hub records itself (merges)
-        self._consent_cache: dict[str | None, tuple[object, tuple[str, ...]]] = {}
-        self._consent_lock = threading.Lock()
 
     # --- access control (hie.hub.policy decides; this applies it to the queries) -------------
 
     def grant(self, resource_type: str | None, permission: str) -> Grant:
         """The rows the current principal may ``permission`` (c r u d s) of
-        ``resource_type``; :class:`Forbidden` if none."""
+        ``resource_type``; :class:`Forbidden` if none (:mod:`hie.fhir.access`)."""
         p = current_principal.get()
         if p is None:
             if self.require_principal:
                 raise Forbidden("no authenticated principal for this call")
             return EVERYTHING
-        grant = self.policy.grant(p, resource_type, permission)
-        if (
-            permission in "rs"
-            and p.has_role(*CONSENT_BINDS)
-            and not p.has_role("service")
-            and category(resource_type or "Patient") == "clinical"
-        ):
-            denied = self._consent_denials(p.org)
-            if denied and p.has_role(*BREAK_THE_GLASS) and p.purpose == EMERGENCY_PURPOSE:
-                if not p.purpose_reason:
-                    raise Forbidden(
-                        "breaking the glass needs a declared reason (X-Break-Glass-Reason)"
-                    )
-                note = current_access.get()
-                if note is not None:
-                    note.overridden.update(dict.fromkeys(denied))
-            elif denied:
-                closed = CompartmentCond(
-                    "Patient", denied, self.policy.links, expand=True, negate=True
-                )
-                grant = Grant((*grant.conds, closed))
+        grant = self.access.grant(p, resource_type, permission)
+        if grant.break_glass:
+            note = current_access.get()
+            if note is not None:
+                note.overridden["break-the-glass"] = None
         return grant
 
-    def _consent_denials(self, org: str | None) -> tuple[str, ...]:
-        """Patients whose active Consent closes their record to MO ``org``: a ``deny`` that
-        names it or names no one, or a ``permit`` that names only other MOs. Recomputed
-        whenever any Consent changes (:meth:`ResourceStore.change_marker`)."""
-        generation = self.store.change_marker("Consent")
-        with self._consent_lock:
-            hit = self._consent_cache.get(org)
-            if hit is not None and hit[0] == generation:
-                return hit[1]
-        denied: dict[str, None] = {}
-        for items, kind in (
-            ([("status", "active"), ("provision-type", "deny"), ("actor:missing", "true")], "all"),
-            (
-                [("status", "active"), ("provision-type", "permit"), ("actor:missing", "false")],
-                "only",
-            ),
-            *(
-                [
-                    (
-                        [
-                            ("status", "active"),
-                            ("provision-type", "deny"),
-                            ("actor", f"Organization/{org}"),
-                        ],
-                        "named",
-                    )
-                ]
-                if org
-                else []
-            ),
-        ):
-            q = parse_search("Consent", items, default_count=1000, max_count=1000).query
-            while True:
-                found = self.store.search(q)
-                for r in found.items:
-                    res = content_json(r)
-                    pid = str((res.get("patient") or {}).get("reference", "")).removeprefix(
-                        "Patient/"
-                    )
-                    actors = {
-                        str((a.get("reference") or {}).get("reference", ""))
-                        for a in (res.get("provision") or {}).get("actor") or []
-                        if isinstance(a, dict)
-                    }
-                    if pid and (kind != "only" or f"Organization/{org}" not in actors):
-                        denied[pid] = None
-                if found.next_after is None:
-                    break
-                q.after = found.next_after
-        result = tuple(sorted(denied))
-        with self._consent_lock:
-            if len(self._consent_cache) > 10_000:
-                self._consent_cache.clear()
-            self._consent_cache[org] = (generation, result)
-        return result
-
-    def notify_break_glass(self, note: Any, rec: Any) -> None:
-        """After an emergency access that lifted a patient's denial: a Communication to each
-        such patient whose records the request touched (the portal shows it), saying who
-        looked, from which MO, when and why."""
-        touched: set[str] = set()
-        with self.store.identity_reader() as idx:
-            groups = {idx.group_of("Patient", p) or p for p in note.patients}
-            for pid in note.overridden:
-                if (idx.group_of("Patient", pid) or pid) in groups:
-                    touched.add(pid)
-        if not touched:
+    def notify_break_glass(self, p: Principal | None, note: AccessNote, rec: AuditRecord) -> None:
+        """After an emergency access: tell the patients whose records it opened beyond the
+        caller's usual grant (a Communication each, shown in the portal)."""
+        if p is None:
             return
-        when = now_us()
-        who = rec.practitioner and f"Practitioner/{rec.practitioner}"
-        text = (
-            f"Экстренный доступ к вашей медицинской карте (break-the-glass): "
-            f"{'/'.join(rec.roles)}{f', МО {rec.org}' if rec.org else ''}; причина: {rec.reason}. "
-            f"Запись журнала аудита AuditEvent/{rec.seq}. / Emergency access to your record: "
-            f"reason given: {rec.reason}."
-        )
-        with self.store.transaction() as tx:
-            for pid in sorted(touched):
-                msg: Json = {
-                    "resourceType": "Communication",
-                    "status": "completed",
-                    "category": [
-                        {
-                            "coding": [
-                                {
-                                    "system": MPI_SYSTEM.replace("mpi", "notification"),
-                                    "code": "break-the-glass",
-                                }
-                            ]
-                        }
-                    ],
-                    "subject": {"reference": f"Patient/{pid}"},
-                    "recipient": [{"reference": f"Patient/{pid}"}],
-                    "sent": format_instant(when),
-                    "payload": [{"contentString": text}],
-                    "about": [{"reference": f"AuditEvent/{rec.seq}"}],
-                }
-                if who:
-                    msg["sender"] = {"reference": who}
-                self.write_internal(tx, msg, "Communication", new_id(), when, fresh=True)
+
+        def write(tx: WriteTx, res: Json, rtype: str, id: str, when: int) -> None:
+            self.write_internal(tx, res, rtype, id, when, fresh=True)
+
+        self.access.notify_break_glass(p, note, rec, write, new_id)
 
     def operation(self, name: str) -> None:
         """Refuse the current principal an operation its roles may not run."""
@@ -430,6 +315,14 @@ class FhirService:
         res["meta"] = meta
         if not validated:
             model.validate(res)
+        owner = None
+        if not internal:
+            p = current_principal.get()
+            if p is not None and p.org:
+                owner = p.org  # whose record this is (kept from its first version)
+                if p.has_role("mis") and not p.has_role("service"):
+                    check_author(p.org, res)
+            label_sensitive(res)
         if resource_type == "Patient" and not internal:
             if is_golden(res):
                 raise Unprocessable(
@@ -438,7 +331,14 @@ class FhirService:
                     expression=["Patient.meta.tag"],
                 )
             check_demographics(res)
-        return NewVersion(resource_type, id, orjson.dumps(res), extract(res), method)  # type: ignore[arg-type]
+        return NewVersion(
+            resource_type,
+            id,
+            orjson.dumps(res),
+            extract(res),
+            method,  # type: ignore[arg-type]
+            owner=owner,
+        )
 
     @staticmethod
     def _check_body(res: Any, resource_type: str | None) -> Json:

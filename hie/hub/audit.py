@@ -55,6 +55,8 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hie.hub.errors import StorageError
 from hie.hub.logging import get_logger
@@ -84,6 +86,14 @@ audit_ref = Table(
     Column("seq", BigInteger, nullable=False),
 )
 Index("ix_audit_ref", audit_ref.c.ref, audit_ref.c.seq)
+# how far each export target (a syslog/ATNA collector, :mod:`hie.hub.audit_export`) has been
+# sent: the last seq it took. Not part of the trail, so not append-only (a send moves it on)
+audit_export = Table(
+    "audit_export",
+    meta,
+    Column("target", String(300), primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
 
 # built once: the writer runs them for every batch
 _LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
@@ -455,6 +465,45 @@ class SqlAuditLog:
                     break
                 out.append(rec)
         return out, more
+
+    def records_after(self, seq: int, limit: int) -> list[AuditRecord]:
+        """Up to ``limit`` records with a position above ``seq``, oldest first (what an
+        exporter sends next)."""
+        stmt = (
+            select(audit_log.c.body)
+            .where(audit_log.c.seq > seq)
+            .order_by(audit_log.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_record(bytes(body)) for (body,) in conn.execute(stmt)]
+
+    def export_cursor(self, target: str) -> int:
+        """The last seq sent to export ``target`` (0: nothing yet)."""
+        with self.engine.connect() as conn:
+            seq = conn.execute(
+                select(audit_export.c.seq).where(audit_export.c.target == target)
+            ).scalar()
+        return int(seq) if seq is not None else 0
+
+    def has_export_cursor(self, target: str) -> bool:
+        """Whether export ``target`` has a cursor yet (it has sent, or was placed)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(audit_export.c.seq).where(audit_export.c.target == target)
+            ).first()
+        return found is not None
+
+    def set_export_cursor(self, target: str, seq: int) -> None:
+        """Record that export ``target`` has sent everything up to ``seq`` (committed on
+        return). It may also move back, to send records again."""
+        # one upsert on either engine (SQLite ≥ 3.24 and PostgreSQL share ON CONFLICT)
+        ins: Any = (sqlite_insert if self.dialect == "sqlite" else pg_insert)(audit_export)
+        stmt = ins.values(target=target, seq=seq).on_conflict_do_update(
+            index_elements=["target"], set_={"seq": ins.excluded.seq}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
 
     def read(self, seq: int) -> AuditRecord | None:
         """One record by its position."""

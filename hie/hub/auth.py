@@ -142,7 +142,8 @@ class Principal:
     roles: frozenset[str]
     org: str | None = None  # Organization id of the caller's MO
     practitioner: str | None = None  # Practitioner id
-    patient: str | None = None  # Patient id (role patient: whose record this is)
+    patient: str | None = None  # Patient id in context (role patient: whose record this is)
+    person: str | None = None  # the caller's own Patient id (fhirUser), when a patient
     scopes: tuple[Scope, ...] = ()
     client_id: str | None = None
     issuer: str = ""
@@ -234,6 +235,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         org=str(claims["hie_org"]) if claims.get("hie_org") else None,
         practitioner=str(practitioner) if practitioner else None,
         patient=str(patient) if patient else None,
+        person=_ref_id(fhir_user, "Patient"),
         scopes=scopes,
         client_id=str(client_id) if client_id else None,
         issuer=str(claims.get("iss") or ""),
@@ -273,12 +275,15 @@ class DevTokenIssuer:
         org: str | None = None,
         practitioner: str | None = None,
         patient: str | None = None,
+        person: str | None = None,
         scope: str | None = None,
         subject: str | None = None,
         ttl: int = 3600,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        """A signed token; ``scope`` defaults to what the role is meant to use."""
+        """A signed token; ``scope`` defaults to what the role is meant to use. ``person``:
+        the caller's own Patient record when it differs from ``patient`` (a proxy: a parent
+        opening a child's record)."""
         roles = [role] if isinstance(role, str) else list(role)
         unknown = [r for r in roles if r not in ROLES]
         if unknown or not roles:
@@ -302,7 +307,7 @@ class DevTokenIssuer:
             claims["fhirUser"] = f"Practitioner/{practitioner}"
         if patient:
             claims["patient"] = patient
-            claims.setdefault("fhirUser", f"Patient/{patient}")
+            claims.setdefault("fhirUser", f"Patient/{person or patient}")
         claims.update(extra or {})
         return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.kid})
 

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from functools import cached_property
 
 from hie.hub.audit import SqlAuditLog, open_audit_log
+from hie.hub.audit_export import AuditExporter, exporter_from_settings
 from hie.hub.blobs.port import BlobStore, open_blob_store
 from hie.hub.outbox import Consumer, OutboxWorker
+from hie.hub.rejected import RejectedStore, open_rejected_store
 from hie.hub.search.port import SearchIndex, open_search_index
 from hie.hub.settings import Settings
 from hie.hub.store import ResourceStore, open_resource_store
@@ -26,6 +28,7 @@ class Hub:
         self.consumers: list[Consumer] = []
         self._lock = threading.Lock()
         self._worker: OutboxWorker | None = None
+        self._exporter: AuditExporter | None = None
 
     @cached_property
     def store(self) -> ResourceStore:
@@ -40,6 +43,13 @@ class Hub:
         trail = open_audit_log(self.settings.database_url, self.settings.audit_url)
         trail.migrate()
         return trail
+
+    @cached_property
+    def rejected(self) -> RejectedStore:
+        """The rejected-message store: what listeners refused, kept for replay."""
+        store = open_rejected_store(self.settings.database_url)
+        store.migrate()
+        return store
 
     @cached_property
     def blobs(self) -> BlobStore:
@@ -66,14 +76,23 @@ class Hub:
             return self._worker
 
     def start_worker(self) -> None:
-        """Run the outbox worker in a background thread."""
+        """Run the outbox worker in a background thread, and the audit export to a syslog/
+        ATNA collector when ``HIE_AUDIT_SYSLOG_URL`` asks for it (one process does both, so
+        one exporter sends each record)."""
         self.worker.start()
+        with self._lock:
+            if self._exporter is None:
+                self._exporter = exporter_from_settings(self.settings, self.audit)
+                if self._exporter is not None:
+                    self._exporter.start()
 
     def close(self) -> None:
-        """Stop the worker and release every opened engine."""
+        """Stop the worker and the audit export, and release every opened engine."""
         if self._worker is not None:
             self._worker.stop()
-        for name in ("search_index", "blobs", "audit", "store"):
+        if self._exporter is not None:
+            self._exporter.stop()
+        for name in ("search_index", "blobs", "rejected", "audit", "store"):
             if name in self.__dict__:
                 self.__dict__[name].close()
 

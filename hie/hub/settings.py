@@ -28,6 +28,19 @@ class Settings(BaseSettings):
         default=1, description="HTTP worker processes; 1 = all in one process, 0 = one per CPU"
     )
     mllp_port: int = 2575
+    mllp_host: str = Field(default="127.0.0.1", description="MLLP listen address")
+    mllp_max_message_bytes: int = Field(
+        default=16 << 20, description="largest HL7 v2 message accepted over MLLP"
+    )
+    mllp_idle_timeout_seconds: float = Field(
+        default=30.0,
+        description="an MLLP connection silent (or stalled mid-frame) this long is closed",
+    )
+    mllp_tls_cert: str = Field(default="", description="PEM server certificate: MLLP over TLS")
+    mllp_tls_key: str = Field(default="", description="PEM private key of that certificate")
+    mllp_tls_client_ca: str = Field(
+        default="", description="PEM CA bundle: require client certificates signed by it"
+    )
     dicom_port: int = 11112
     dicom_ae_title: str = "HUB"
     database_url: str = ""
@@ -44,6 +57,11 @@ class Settings(BaseSettings):
     audit_url: str = Field(
         default="", description="audit trail database (default: audit.db beside a SQLite store)"
     )
+    audit_syslog_url: str = Field(
+        default="",
+        description="export the audit trail to a syslog/ATNA collector: udp://, tcp:// or tls://host:port",
+    )
+    audit_syslog_ca: str = Field(default="", description="PEM CA bundle for a tls:// collector")
     rate_limit_per_second: float = Field(
         default=200.0, description="requests per second per principal and process (0: no limit)"
     )

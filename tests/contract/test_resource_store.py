@@ -9,6 +9,7 @@ import pytest
 
 from hie.hub.errors import VersionConflict
 from hie.hub.store.port import (
+    AllOf,
     AnyOf,
     ChainCond,
     CompartmentCond,
@@ -19,10 +20,12 @@ from hie.hub.store.port import (
     MissingCond,
     NewVersion,
     NumberCond,
+    OwnerCond,
     QuantityRow,
     Query,
     ReferenceCond,
     ReferenceRow,
+    RelatedCond,
     ResourceStore,
     SortKey,
     StringCond,
@@ -30,6 +33,7 @@ from hie.hub.store.port import (
     TokenCond,
     TokenRow,
     TypeCond,
+    Via,
 )
 from hie.hub.store.sql import now_us
 
@@ -228,6 +232,81 @@ def test_compartment_can_be_excluded(store: ResourceStore) -> None:
     page = store.search(Query("Observation", [outside], count=100, total=True))
     assert page.total == 10 and not set(_ids(page)) & {f"o{i}" for i in range(0, 20, 2)}
     assert _ids(store.search(Query("Patient", [outside], count=100))) == ["p2"]
+
+
+def _owned(
+    store: ResourceStore, rtype: str, rid: str, owner: str | None, rows: list[object]
+) -> None:
+    with store.transaction() as tx:
+        cur = tx.current(rtype, rid)
+        new = NewVersion(
+            rtype,
+            rid,
+            b"{}",
+            IndexRows(list(rows)),
+            "PUT",
+            owner=owner,  # type: ignore[arg-type]
+        )
+        tx.write(new, (cur.version + 1) if cur else 1, now_us())
+
+
+def test_owner_is_kept_from_the_first_version(store: ResourceStore) -> None:
+    _owned(store, "Observation", "a", "mo1", [])
+    _owned(store, "Observation", "b", "mo2", [])
+    _owned(store, "Observation", "a", "mo2", [])  # a later writer does not take it over
+    _owned(store, "Observation", "c", None, [])
+    mine = Query("Observation", [OwnerCond("mo1")], count=10)
+    assert _ids(store.search(mine)) == ["a"]
+    assert sorted(_ids(store.search(Query(None, [OwnerCond("mo2")], count=10)))) == ["b"]
+
+
+def test_related_condition_follows_relationships_and_identity_groups(store: ResourceStore) -> None:
+    """Records of patients with an open Encounter at mo1 (through any member of their identity
+    group); the encounter's own conditions are applied; AllOf/AnyOf compose."""
+    subj = "subject"
+    for p in ("p1", "p2", "p3", "p1b"):
+        _put(store, "Patient", p)
+    for i, p in enumerate(("p1", "p2", "p3", "p1b", "p1b")):
+        _put(store, "Observation", f"o{i}", [ReferenceRow(subj, "Patient", p)])
+    with store.transaction() as tx:  # p1 and p1b are one person
+        tx.identity.put("Patient", "p1", "g1")
+        tx.identity.put("Patient", "p1b", "g1")
+    enc = [
+        ("e1", "p1", "mo1", "in-progress"),
+        ("e2", "p2", "mo1", "finished"),  # closed: no relationship
+        ("e3", "p3", "mo2", "in-progress"),  # another MO
+    ]
+    for eid, p, org, status in enc:
+        _put(
+            store,
+            "Encounter",
+            eid,
+            [
+                ReferenceRow(subj, "Patient", p),
+                ReferenceRow("service-provider", "Organization", org),
+                TokenRow("status", None, status),
+            ],
+        )
+    open_at_mo1 = Via(
+        "Encounter",
+        subj,
+        (
+            ReferenceCond("service-provider", "Organization", "mo1"),
+            AnyOf((TokenCond("status", None, "in-progress"), TokenCond("status", None, "arrived"))),
+        ),
+    )
+    links = (("Observation", "subject"), ("Encounter", "subject"))
+    care = RelatedCond("Patient", links, (open_at_mo1,))
+    obs = store.search(Query("Observation", [care], count=10, total=True))
+    assert sorted(_ids(obs)) == ["o0", "o3", "o4"] and obs.total == 3
+    assert sorted(_ids(store.search(Query("Patient", [care], count=10)))) == ["p1", "p1b"]
+    everywhere = store.search(Query(None, [care, TypeCond(("Patient", "Observation"))], count=20))
+    assert sorted(_ids(everywhere)) == ["o0", "o3", "o4", "p1", "p1b"]
+    # mine OR (related AND NOT p1b's compartment)
+    _owned(store, "Observation", "o9", "mo1", [ReferenceRow(subj, "Patient", "p3")])
+    not_p1b = CompartmentCond("Patient", ("p1b",), links, negate=True)
+    rule = AnyOf((OwnerCond("mo1"), AllOf((care, not_p1b))))
+    assert sorted(_ids(store.search(Query("Observation", [rule], count=10)))) == ["o0", "o9"]
 
 
 def test_change_marker_moves_on_every_change_of_its_type(store: ResourceStore) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from hie.hub.auth import DEV_ISSUER, DevTokenIssuer
 from tests.fixtures.auth import bearer
-from tests.fixtures.records import FJ, GOLDEN, golden_id, observation, person, post
+from tests.fixtures.records import FJ, GOLDEN, encounter, golden_id, observation, person, post
 
 NO_AUTH = {"Authorization": ""}  # drops the client fixture's default token
 
@@ -96,6 +96,9 @@ def city(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     obs_a = [post(client, observation(a["id"], 120 + i, pr["id"]))["id"] for i in range(3)]
     obs_b = [post(client, observation(b["id"], 90 + i, pr["id"]))["id"] for i in range(2)]
     consent_b = post(client, _consent(b["id"]))["id"]
+    for who in (a, b):  # both are being treated at MO 12 and MO 40
+        for org in ("mo-12", "mo-40"):
+            post(client, encounter(who["id"], org))
     return {
         "a": a["id"],
         "b": b["id"],
@@ -271,15 +274,15 @@ def test_the_audit_trail_is_append_only_for_everyone(client) -> None:  # type: i
 
 
 def test_scopes_narrow_the_role(client, city) -> None:  # type: ignore[no-untyped-def]
-    only_obs = _as(client, "clinician", scope="user/Observation.rs")
+    only_obs = _as(client, "clinician", org="mo-12", scope="user/Observation.rs")
     assert client.get("/fhir/Observation", headers=only_obs).status_code == 200
     assert client.get("/fhir/Condition", headers=only_obs).status_code == 403
     assert client.get("/fhir/Patient", headers=only_obs).status_code == 403
     # a clinician app launched for one patient (patient/ scopes) sees that patient only
-    launched = _as(client, "clinician", scope="patient/*.rs", patient=city["golden_b"])
+    launched = _as(client, "clinician", org="mo-12", scope="patient/*.rs", patient=city["golden_b"])
     found = client.get("/fhir/Observation", headers=launched).json()
     assert _ids(found) == set(city["obs_b"])
-    no_context = _as(client, "clinician", scope="patient/*.rs")
+    no_context = _as(client, "clinician", org="mo-12", scope="patient/*.rs")
     assert client.get("/fhir/Observation", headers=no_context).status_code == 403
 
 
@@ -289,12 +292,13 @@ def test_mpi_operations_follow_the_table(client, city) -> None:  # type: ignore[
         "parameter": [{"name": "resource", "resource": person("Смирнова", "Ольга", "1980-01-02")}],
     }
     for role, status in (("clinician", 200), ("patient", 403), ("official", 403), ("admin", 403)):
-        h = {**FJ, **_as(client, role, patient=city["golden_a"] if role == "patient" else None)}
+        who = {"patient": city["golden_a"]} if role == "patient" else {"org": "mo-12"}
+        h = {**FJ, **_as(client, role, **who)}
         r = client.post("/fhir/Patient/$match", json=params, headers=h)
         assert r.status_code == status, (role, r.text)
     explain = f"/fhir/Patient/{city['a']}/$mpi-explain"
     assert client.get(explain, headers=_as(client, "admin")).status_code == 200
-    assert client.get(explain, headers=_as(client, "clinician")).status_code == 403
+    assert client.get(explain, headers=_as(client, "clinician", org="mo-12")).status_code == 403
 
 
 @pytest.mark.parametrize(
@@ -476,3 +480,195 @@ def test_match_does_not_show_a_closed_record(client, city) -> None:  # type: ign
 
     assert city["golden_a"] in found("mo-40")
     assert city["golden_a"] not in found("mo-12")
+
+
+# --- care relationships, MO ownership, sensitive categories, proxies ---------------------------
+
+
+def test_clinicians_read_the_patients_their_mo_treats(client, city) -> None:  # type: ignore[no-untyped-def]
+    doc = _as(client, "clinician", org="mo-77")
+    assert not _seen(client, doc)  # MO 77 treats nobody yet
+    assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=doc).status_code == 403
+    visit = post(client, encounter(city["a"], "mo-77"))  # A arrives at MO 77
+    assert _seen(client, doc) == set(city["obs_a"])  # every MO's records of A, none of B
+    golden = client.get(f"/fhir/Patient/{city['golden_a']}/$everything", headers=doc)
+    assert golden.status_code == 200
+    assert not _ids(golden.json()) & {city["b"], *city["obs_b"]}
+    # the visit ends: the records close again
+    done = {**visit, "status": "finished"}
+    assert client.put(f"/fhir/Encounter/{visit['id']}", json=done, headers=FJ).status_code == 200
+    assert not _seen(client, doc)
+    # a referral of B to MO 77 opens B's records to it while it is active
+    referral = {
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": f"Patient/{city['b']}"},
+        "performer": [{"reference": "Organization/mo-77"}],
+    }
+    post(client, referral)
+    assert _seen(client, doc) == set(city["obs_b"])
+    rad = _as(client, "radiologist", org="mo-77")
+    assert _seen(client, rad) == set(city["obs_b"])
+    # a clinician whose token names no MO has no care relationships at all
+    assert client.get("/fhir/Observation", headers=_as(client, "clinician")).status_code == 403
+
+
+def test_break_the_glass_opens_a_patient_not_in_care_and_tells_them(client, city) -> None:  # type: ignore[no-untyped-def]
+    doc = _as(client, "clinician", org="mo-77")
+    glass = {
+        **doc,
+        "X-Purpose-Of-Use": "ETREAT",
+        "X-Break-Glass-Reason": "ДТП, без сознания".encode(),
+    }
+    r = client.get(f"/fhir/Observation?subject=Patient/{city['a']}&_total=accurate", headers=glass)
+    assert r.status_code == 200 and r.json()["total"] == 3
+    notes = client.get(f"/fhir/Communication?subject=Patient/{city['a']}").json()
+    assert len(notes.get("entry", [])) == 1
+    assert not client.get(f"/fhir/Communication?subject=Patient/{city['b']}").json().get("entry")
+    # a patient the clinician's MO treats anyway is not told of an ordinary read
+    treated = _as(client, "clinician", org="mo-12")
+    glass12 = {**treated, "X-Purpose-Of-Use": "ETREAT", "X-Break-Glass-Reason": "срочно".encode()}
+    assert client.get(f"/fhir/Patient/{city['b']}", headers=glass12).status_code == 200
+    assert not client.get(f"/fhir/Communication?subject=Patient/{city['b']}").json().get("entry")
+
+
+def test_an_mo_reads_what_it_wrote_and_changes_only_its_own(client, city) -> None:  # type: ignore[no-untyped-def]
+    mis77 = {**FJ, **_as(client, "mis", org="mo-77")}
+    mis40 = {**FJ, **_as(client, "mis", org="mo-40")}
+    mine = observation(city["a"], 130.0)
+    r = client.post("/fhir/Observation", json=mine, headers=mis77)
+    assert r.status_code == 201, r.text
+    oid = r.json()["id"]
+    # no care relationship, but its own record: readable
+    assert client.get(f"/fhir/Observation/{oid}", headers=mis77).status_code == 200
+    assert _seen(client, mis77) == {oid}
+    # MO 40 treats A, so it reads it too, but may not change or delete it
+    assert client.get(f"/fhir/Observation/{oid}", headers=mis40).status_code == 200
+    changed = {**mine, "id": oid, "status": "amended"}
+    assert client.put(f"/fhir/Observation/{oid}", json=changed, headers=mis40).status_code == 403
+    assert client.delete(f"/fhir/Observation/{oid}", headers=mis40).status_code == 403
+    assert client.put(f"/fhir/Observation/{oid}", json=changed, headers=mis77).status_code == 200
+    # nor can it change a record another MO's system (or the hub) sent
+    other = city["obs_a"][0]
+    assert client.delete(f"/fhir/Observation/{other}", headers=mis40).status_code == 403
+    # a record written in another MO's name is refused, in a transaction too
+    forged = {**observation(city["a"], 1.0), "performer": [{"reference": "Organization/mo-12"}]}
+    r = client.post("/fhir/Observation", json=forged, headers=mis40)
+    assert r.status_code == 403 and "Organization/mo-12" in r.text
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": forged, "request": {"method": "POST", "url": "Observation"}}],
+    }
+    assert client.post("/fhir", json=bundle, headers=mis40).status_code == 403
+    enc = encounter(city["a"], "mo-12")
+    assert client.post("/fhir/Encounter", json=enc, headers=mis40).status_code == 403
+    own = {**observation(city["a"], 2.0), "performer": [{"reference": "Organization/mo-40"}]}
+    assert client.post("/fhir/Observation", json=own, headers=mis40).status_code == 201
+
+
+def _condition(pid: str, icd10: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": icd10}]},
+    }
+
+
+def test_consent_can_close_one_sensitive_category(client, city) -> None:  # type: ignore[no-untyped-def]
+    psy = post(client, _condition(city["a"], "F32.1"))
+    flu = post(client, _condition(city["a"], "J10.1"))
+    labels = [(s["system"], s["code"]) for s in psy["meta"].get("security", [])]
+    assert labels == [("http://terminology.hl7.org/CodeSystem/v3-ActCode", "PSY")]
+    assert "security" not in flu["meta"]
+    consent = _closing(city["a"], "deny", ["mo-12"])
+    consent["provision"]["securityLabel"] = [
+        {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}
+    ]
+    post(client, consent)
+    mo12 = _as(client, "clinician", org="mo-12")
+    mo40 = _as(client, "clinician", org="mo-40")
+    found = client.get("/fhir/Condition?_total=accurate", headers=mo12).json()
+    assert _ids(found) == {flu["id"]} and found["total"] == 1
+    assert client.get(f"/fhir/Condition/{psy['id']}", headers=mo12).status_code == 403
+    assert _seen(client, mo12) >= set(city["obs_a"])  # the rest of the record stays open
+    assert _ids(client.get("/fhir/Condition", headers=mo40).json()) == {psy["id"], flu["id"]}
+    # the patient sees their own
+    me = _as(client, "patient", patient=city["golden_a"])
+    assert _ids(client.get("/fhir/Condition", headers=me).json()) == {psy["id"], flu["id"]}
+
+
+def _family(client) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """A mother, her 8-year-old son and her 17-year-old daughter, with RelatedPersons."""
+    from hie.registries.identifiers import SNILS_SYSTEM
+    from tests.fixtures.hl7v2 import snils
+
+    mum_snils = snils("112233445")
+    mum = post(
+        client,
+        {
+            **person("Павлова", "Анна", "1985-03-04"),
+            "identifier": [{"system": SNILS_SYSTEM, "value": mum_snils}],
+        },
+    )
+    this_year = time.gmtime().tm_year
+    son = post(client, person("Павлов", "Миша", f"{this_year - 8}-01-15", "male"))
+    girl = post(client, person("Павлова", "Вера", f"{this_year - 17}-01-15"))
+    out = {"mum": mum["id"], "son": son["id"], "girl": girl["id"]}
+    for child in ("son", "girl"):
+        rp = post(
+            client,
+            {
+                "resourceType": "RelatedPerson",
+                "active": True,
+                "patient": {"reference": f"Patient/{out[child]}"},
+                "identifier": [{"system": SNILS_SYSTEM, "value": mum_snils}],
+                "relationship": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode",
+                                "code": "MTH",
+                            }
+                        ]
+                    }
+                ],
+            },
+        )
+        out[f"rp_{child}"] = rp["id"]
+        out[f"obs_{child}"] = post(client, observation(out[child], 125.0))["id"]
+    return out
+
+
+def test_a_parent_reads_a_young_childs_record_and_no_one_elses(client, city) -> None:  # type: ignore[no-untyped-def]
+    fam = _family(client)
+    as_mum_for = {
+        k: _as(client, "patient", patient=fam[k], person=fam["mum"]) for k in ("son", "girl")
+    }
+    # the son is 8: his mother reads his record
+    assert _seen(client, as_mum_for["son"]) == {fam["obs_son"]}
+    # the daughter is 17: not without her consent
+    r = client.get("/fhir/Observation", headers=as_mum_for["girl"])
+    assert r.status_code == 403 and "proxy" in r.text
+    permit = {
+        **_consent(fam["girl"]),
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {"text": "proxy"},
+                    "reference": {"reference": f"RelatedPerson/{fam['rp_girl']}"},
+                }
+            ],
+        },
+    }
+    post(client, permit)
+    assert _seen(client, as_mum_for["girl"]) == {fam["obs_girl"]}
+    # a proxy consent does not close the record to the MOs treating her
+    post(client, encounter(fam["girl"], "mo-12"))
+    assert fam["obs_girl"] in _seen(client, _as(client, "clinician", org="mo-12"))
+    # someone else's child, or another patient, never
+    stranger = _as(client, "patient", patient=fam["son"], person=city["a"])
+    assert client.get("/fhir/Observation", headers=stranger).status_code == 403
+    assert client.get(f"/fhir/Patient/{fam['son']}", headers=stranger).status_code == 403

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from hie.hub.audit import audit_url
 from hie.hub.errors import StorageError
 from tests.fixtures.auth import bearer
-from tests.fixtures.records import golden_id, observation, person, post
+from tests.fixtures.records import encounter, golden_id, observation, person, post
 
 
 @pytest.fixture
@@ -24,6 +24,8 @@ def two(client) -> dict[str, str]:  # type: ignore[no-untyped-def]
     a = post(client, person("Орлов", "Пётр", "1990-02-03"))["id"]
     b = post(client, person("Соколов", "Игорь", "1960-07-08"))["id"]
     golden = {k: golden_id(client, p) for k, p in (("a", a), ("b", b))}
+    for pid in (a, b):
+        post(client, encounter(pid, "mo-12"))  # both treated at MO 12
     return {
         "a": a,
         "b": b,
@@ -133,7 +135,9 @@ def test_patients_read_the_log_of_their_record_only(client, two) -> None:  # typ
 def test_paging_through_the_trail(client, two) -> None:  # type: ignore[no-untyped-def]
     adm = bearer(client.settings, "admin")
     for _ in range(5):
-        client.get(f"/fhir/Patient/{two['a']}", headers=bearer(client.settings, "clinician"))
+        client.get(
+            f"/fhir/Patient/{two['a']}", headers=bearer(client.settings, "clinician", org="mo-12")
+        )
     seen: list[str] = []
     url: str | None = f"/fhir/AuditEvent?entity=Patient/{two['a']}&subtype=read&_count=2"
     while url:
@@ -201,7 +205,7 @@ def test_cli_verify_passes_on_an_intact_trail(client, two) -> None:  # type: ign
 
 
 def test_officials_get_counts_not_records(client, two) -> None:  # type: ignore[no-untyped-def]
-    doc = bearer(client.settings, "clinician")
+    doc = bearer(client.settings, "clinician", org="mo-12")
     client.get(f"/fhir/Observation/{two['obs_a']}", headers=doc)
     client.get("/fhir/Observation/none", headers=doc)  # 404: a minor failure
     off = bearer(client.settings, "official")

@@ -212,6 +212,51 @@ class CompartmentCond:
 
 
 @dataclass(frozen=True, slots=True)
+class AllOf:
+    """AND of conditions (a branch of an :class:`AnyOf`)."""
+
+    conds: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    """The condition does not hold."""
+
+    cond: Condition
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerCond:
+    """The resource was created by (written for) the organisation ``owner``: see
+    :attr:`NewVersion.owner`."""
+
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """A relationship found through another resource: current ``resource_type`` resources
+    matching ``conds`` whose reference ``param`` points at the owner (e.g. an open Encounter
+    at an MO, through its ``subject``)."""
+
+    resource_type: str
+    param: str
+    conds: tuple[Condition, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RelatedCond:
+    """The resource lies in the compartment of an owner (through ``links``, or is the owner)
+    who has one of the relationships ``via``, with owners' identity groups expanded: "records
+    of the patients this MO is treating". Evaluated per row (correlated), so its cost does not
+    grow with the number of related owners."""
+
+    owner_type: str
+    links: tuple[tuple[str, str], ...]
+    via: tuple[Via, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class TypeCond:
     """``_type``: the resource is one of these types (system-level searches)."""
 
@@ -231,6 +276,10 @@ Condition = (
     | ChainCond
     | AnyOf
     | CompartmentCond
+    | AllOf
+    | Not
+    | OwnerCond
+    | RelatedCond
     | TypeCond
 )
 
@@ -304,6 +353,9 @@ class NewVersion:
     index: IndexRows
     method: Literal["POST", "PUT", "PATCH", "DELETE"]
     if_version: int | None = None  # optimistic lock: the version the writer saw
+    # The organisation the resource is written for (the writing MO); kept from the first
+    # version, which is whose record it is.
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ resources = Table(
     Column("version", Integer, nullable=False),
     Column("last_updated", BigInteger, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
+    Column("owner", String(64), nullable=True),  # the MO the record was written for
     UniqueConstraint("rtype", "id", name="uq_resources_type_id"),
 )
 Index("ix_resources_type_updated", resources.c.rtype, resources.c.last_updated)

@@ -5,8 +5,27 @@ from __future__ import annotations
 import pytest
 
 from hie.hub.auth import Forbidden, Principal, parse_scopes
-from hie.hub.policy import AccessPolicy, category, role_permits
-from hie.hub.store.port import CompartmentCond
+from hie.hub.policy import (
+    ACT_CODE,
+    ICD10,
+    LOINC,
+    AccessPolicy,
+    Denials,
+    care_relationships,
+    category,
+    role_permits,
+    sensitive_labels,
+)
+from hie.hub.store.port import (
+    AllOf,
+    AnyOf,
+    CompartmentCond,
+    Not,
+    OwnerCond,
+    ReferenceCond,
+    RelatedCond,
+    TokenCond,
+)
 
 LINKS = (("Observation", "subject"), ("Consent", "patient"), ("AuditEvent", "patient"))
 POLICY = AccessPolicy(LINKS)
@@ -94,27 +113,110 @@ def test_patient_without_a_patient_claim_is_refused() -> None:
 
 def test_the_role_and_the_scope_must_both_allow() -> None:
     with pytest.raises(Forbidden, match="role clinician may not create"):
-        POLICY.grant(who("clinician", "user/*.cruds"), "Observation", "c")
+        POLICY.grant(who("clinician", "user/*.cruds", org="mo1"), "Observation", "c")
     with pytest.raises(Forbidden, match="scopes do not allow"):
-        POLICY.grant(who("mis", "system/Observation.rs"), "Observation", "c")
-    assert not POLICY.grant(who("mis", "system/*.cruds"), "Observation", "c").restricted
+        POLICY.grant(who("mis", "system/Observation.rs", org="mo1"), "Observation", "c")
+    assert POLICY.grant(who("mis", "system/*.cruds", org="mo1"), "Observation", "c").restricted
+    assert not POLICY.grant(who("service", "system/*.cruds"), "Observation", "c").restricted
+
+
+def test_an_mo_writes_only_its_own_records() -> None:
+    for perm in "cud":
+        g = POLICY.grant(who("mis", "system/*.cruds", org="mo1"), "Observation", perm)
+        assert g.conds == (OwnerCond("mo1"),)
+    with pytest.raises(Forbidden, match="names no MO"):
+        POLICY.grant(who("mis", "system/*.cruds"), "Observation", "c")
+
+
+def _care(org: str) -> RelatedCond:
+    return RelatedCond("Patient", LINKS, care_relationships(org))
+
+
+def test_care_roles_read_their_own_and_their_patients_records() -> None:
+    for role in ("mis", "clinician", "radiologist"):
+        g = POLICY.grant(who(role, "user/*.rs", org="mo1"), "Observation", "s")
+        assert g.conds == (AnyOf((OwnerCond("mo1"), AllOf((_care("mo1"),)))),)
+    # the relationships: an open Encounter at the MO, or an active referral to it
+    enc, ref = care_relationships("mo1")
+    assert (enc.resource_type, ref.resource_type) == ("Encounter", "ServiceRequest")
+    assert ReferenceCond("service-provider", "Organization", "mo1") in enc.conds
+    assert ReferenceCond("performer", "Organization", "mo1") in ref.conds
+    # directory and terminology stay open
+    assert not POLICY.grant(who("clinician", "user/*.rs", org="mo1"), "Practitioner", "r").conds
+
+
+def test_consents_close_records_to_the_mo_but_not_its_own() -> None:
+    denied = Denials(("p1",), (("PSY", ("p2",)),))
+    g = POLICY.grant(who("clinician", "user/*.rs", org="mo1"), "Condition", "r", denied=denied)
+    ((own, treated),) = (c.conds for c in g.conds if isinstance(c, AnyOf))
+    assert own == OwnerCond("mo1")
+    care, whole, labelled = treated.conds
+    assert care == _care("mo1")
+    assert whole == CompartmentCond("Patient", ("p1",), LINKS, expand=True, negate=True)
+    closed = AllOf(
+        (
+            CompartmentCond("Patient", ("p2",), LINKS, expand=True),
+            TokenCond("_security", ACT_CODE, "PSY"),
+        )
+    )
+    assert labelled == Not(closed)
+    # across types a label cannot be told per type: the labelled patient is closed entirely
+    g = POLICY.grant(who("clinician", "user/*.rs", org="mo1"), None, "s", denied=denied)
+    ((_, treated),) = (c.conds for c in g.conds if isinstance(c, AnyOf))
+    assert treated.conds[2] == CompartmentCond("Patient", ("p2",), LINKS, expand=True, negate=True)
+
+
+def test_break_the_glass_needs_a_reason_and_opens_everything() -> None:
+    doc = who("clinician", "user/*.rs", org="mo1", purpose="ETREAT")
+    with pytest.raises(Forbidden, match="reason"):
+        POLICY.grant(doc, "Observation", "r")
+    doc = who("clinician", "user/*.rs", org="mo1", purpose="ETREAT", purpose_reason="unconscious")
+    g = POLICY.grant(doc, "Observation", "r", denied=Denials(("p1",)))
+    assert g.break_glass and not g.restricted
+    mis = who("mis", "system/*.cruds", org="mo1", purpose="ETREAT", purpose_reason="x")
+    g = POLICY.grant(mis, "Observation", "r")
+    assert not g.break_glass and g.restricted  # an MIS cannot break the glass
 
 
 def test_patient_scopes_restrict_any_role() -> None:
-    g = POLICY.grant(who("clinician", "patient/*.rs", patient="p2"), "Observation", "r")
-    assert g.restricted
-    # a user/ scope as well lifts it
-    g = POLICY.grant(who("clinician", "patient/*.rs user/*.rs", patient="p2"), "Observation", "r")
-    assert not g.restricted
+    g = POLICY.grant(who("clinician", "patient/*.rs", org="mo1", patient="p2"), "Observation", "r")
+    assert g.conds[-1] == CompartmentCond("Patient", ("p2",), LINKS, expand=True)
+    # a user/ scope as well leaves the role's own rule
+    both = who("clinician", "patient/*.rs user/*.rs", org="mo1", patient="p2")
+    assert POLICY.grant(both, "Observation", "r").conds == (
+        AnyOf((OwnerCond("mo1"), AllOf((_care("mo1"),)))),
+    )
 
 
-def test_a_second_role_does_not_widen_the_compartment_wrongly() -> None:
-    # a clinician who is also a patient reads clinically (the clinician rule) …
-    both = who("clinician patient", "user/*.rs patient/*.rs", patient="p1")
-    assert not POLICY.grant(both, "Observation", "r").restricted
+def test_a_second_role_adds_its_rows() -> None:
+    # a clinician who is also a patient reads their MO's patients and their own record …
+    both = who("clinician patient", "user/*.rs patient/*.rs", org="mo1", patient="p1")
+    (either,) = POLICY.grant(both, "Observation", "r").conds
+    assert isinstance(either, AnyOf)
+    assert CompartmentCond("Patient", ("p1",), LINKS, expand=True) in either.conds
     # … but writes Consent only as the patient
     consent = who("clinician patient", "user/*.rs patient/Consent.cruds", patient="p1")
     assert POLICY.grant(consent, "Consent", "c").restricted
+
+
+def test_a_proxy_acts_only_for_the_people_it_may() -> None:
+    parent = who("patient", "patient/*.rs", patient="child", person="mum")
+    with pytest.raises(Forbidden, match="proxy"):
+        POLICY.grant(parent, "Observation", "r")
+    g = POLICY.grant(parent, "Observation", "r", proxy_for=frozenset({"child"}))
+    assert g.conds == (CompartmentCond("Patient", ("child",), LINKS, expand=True),)
+    # their own record needs no proxy
+    me = who("patient", "patient/*.rs", patient="mum", person="mum")
+    assert POLICY.grant(me, "Observation", "r").restricted
+
+
+def test_sensitive_codes_are_labelled() -> None:
+    assert sensitive_labels([(ICD10, "F32.1")]) == ["PSY"]
+    assert sensitive_labels([(ICD10, "B20")]) == ["HIV"]
+    assert sensitive_labels([(LOINC, "7917-8")]) == ["HIV"]
+    assert sensitive_labels([(ICD10, "O04.9")]) == ["SEX"]
+    assert sensitive_labels([(ICD10, "F10.2")]) == ["PSY", "ETH"]
+    assert sensitive_labels([(ICD10, "J18.9"), (LOINC, "718-7")]) == []
 
 
 def test_across_types_is_judged_as_the_clinical_record() -> None:
