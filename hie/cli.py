@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hie.hub import logging as hlog
 from hie.hub.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from hie.hub.runtime import Hub
 
 app = typer.Typer(
     help="Regional health information exchange hub (FHIR R4, HL7 v2, DICOM).",
@@ -41,7 +44,7 @@ def _settings() -> Settings:
 def serve(
     migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
 ) -> None:
-    """Run the HTTP API and the outbox worker (MLLP and DICOM listeners come later).
+    """Run the HTTP API, the MLLP listener (HL7 v2) and the outbox worker (DICOM comes later).
 
     With ``HIE_HTTP_WORKERS`` > 1 the HTTP API runs in that many processes (validation is
     CPU-bound and Python has one core per process); this process keeps the outbox worker.
@@ -50,6 +53,7 @@ def serve(
 
     import uvicorn
 
+    from hie.adapters.hl7_listener import start_mllp
     from hie.fhir.app import create_app
     from hie.fhir.indexing import SearchIndexer
     from hie.hub.runtime import open_hub
@@ -67,9 +71,6 @@ def serve(
         f"  data      {settings.data_dir.resolve()}",
         err=True,
     )
-    if settings.http_port == 0:
-        typer.echo("HIE_HTTP_PORT=0: HTTP listener disabled", err=True)
-        return
     options: dict[str, object] = {
         "host": settings.http_host,
         "port": settings.http_port,
@@ -79,14 +80,21 @@ def serve(
         "http": "httptools",
         "timeout_graceful_shutdown": 10,
     }
-    if workers == 1:
-        uvicorn.run(create_app(settings, hub), **options)  # type: ignore[arg-type]
-        return
-    if settings.worker:
-        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
-        hub.start_worker()
-    os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
+    mllp = start_mllp(hub)
+    if mllp is not None:
+        typer.echo(f"  MLLP      {settings.mllp_host}:{mllp.port} (HL7 v2)", err=True)
     try:
+        if settings.http_port == 0:
+            typer.echo("HIE_HTTP_PORT=0: HTTP listener disabled", err=True)
+            _run_without_http(hub)
+            return
+        if workers == 1:
+            uvicorn.run(create_app(settings, hub), **options)  # type: ignore[arg-type]
+            return
+        if settings.worker:
+            hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+            hub.start_worker()
+        os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
         uvicorn.run(
             "hie.fhir.app:app_from_env",
             factory=True,
@@ -94,7 +102,25 @@ def serve(
             **options,  # type: ignore[arg-type]
         )
     finally:
+        if mllp is not None:
+            mllp.stop()
         hub.close()
+
+
+def _run_without_http(hub: Hub) -> None:
+    """The outbox worker (and the listeners already started) until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from hie.fhir.indexing import SearchIndexer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if hub.settings.worker:
+        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+        hub.start_worker()
+    stop.wait()
 
 
 @app.command()
@@ -593,6 +619,53 @@ def messages_show(
     kept = f"{len(msg.raw)} bytes" + (f" of {msg.size}" if len(msg.raw) != msg.size else "")
     typer.echo(f"\n--- message ({kept}, shown as {encoding}) ---")
     typer.echo(text.rstrip("\n"))
+
+
+@messages_app.command("replay")
+def messages_replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="Kept message ids.")] = None,
+    all_open: Annotated[
+        bool, typer.Option("--all", help="Every open HL7 message, oldest first.")
+    ] = False,
+) -> None:
+    """Run kept HL7 messages through the listener again, after their cause was fixed (the
+    sender registered, a code list loaded). Exit 1 if any still fails."""
+    from hie.adapters.hl7_listener import Hl7Listener, replay
+    from hie.fhir.service import FhirService
+    from hie.hub.errors import HieError
+    from hie.hub.runtime import open_hub
+    from hie.registries.patient_index import attach_mpi
+
+    settings = _settings()
+    hub = open_hub(settings)
+    try:
+        wanted = list(ids or [])
+        if all_open:
+            found = hub.rejected.list(status="open", channel="mllp", limit=100_000)
+            wanted += [m.id for m in reversed(found) if m.kind in ("rejected", "failed")]
+        if not wanted:
+            typer.echo("nothing to replay (give ids or --all)", err=True)
+            raise typer.Exit(2)
+        svc = FhirService(hub.store, settings, trail=hub.audit)
+        mpi = attach_mpi(svc)
+        assert mpi is not None, "HIE_MPI_ENABLED is off"
+        handler = Hl7Listener(svc, mpi, hub.rejected, workers=1)
+        failed = 0
+        for ident in wanted:
+            try:
+                out = replay(handler, ident)
+            except HieError as err:
+                typer.echo(f"{ident}: {err.message}", err=True)
+                failed += 1
+                continue
+            why = "; ".join(p.message for p in out.errors)
+            typer.echo(f"{ident}: {out.code}{' — ' + why if why else ''}")
+            failed += out.code != "AA"
+        handler.close()
+    finally:
+        hub.close()
+    if failed:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -436,6 +436,13 @@ medium token medium
 priority token priority
 about reference about
 """,
+    # A message the hub received over HL7 v2 (the record of what arrived, and its digest)
+    "MessageHeader": """
+event token event[x]
+focus reference focus
+sender reference sender
+source-uri uri source.endpoint
+""",
     "RelatedPerson": """
 identifier token identifier
 patient reference patient >Patient

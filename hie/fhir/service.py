@@ -54,6 +54,7 @@ from hie.hub.store.port import (
     IdCond,
     LastUpdatedCond,
     NewVersion,
+    OwnerCond,
     Query,
     ReferenceCond,
     ResourceStore,
@@ -385,7 +386,11 @@ class FhirService:
         the master patient index (``res`` is None for a deletion)."""
         if res is not None:
             grant = self.grant(stored.resource_type, "c" if stored.version == 1 else "u")
-            self._require_visible(stored, grant, tx)
+            p = current_principal.get()
+            # an MO's write grant is "its own records", and what it writes is stamped with its
+            # MO (prepare) or was checked to be its own before (the version replaced): no query
+            if not (p is not None and p.org and grant.conds == (OwnerCond(p.org),)):
+                self._require_visible(stored, grant, tx)
         note_access(
             entities=[f"{stored.resource_type}/{stored.id}"],
             patients=_patients_in(res, stored),
@@ -872,11 +877,12 @@ class FhirService:
 
     # --- transaction and batch ------------------------------------------------------------
 
-    def transaction(self, bundle: Any, base: str) -> Json:
-        """A transaction Bundle: all entries succeed together or none is stored."""
+    def transaction(self, bundle: Any, base: str, *, validated: bool = False) -> Json:
+        """A transaction Bundle: all entries succeed together or none is stored
+        (``validated``: built by the hub itself, see :func:`~hie.fhir.bundles.run_transaction`)."""
         from hie.fhir.bundles import run_transaction
 
-        return run_transaction(self, bundle, base)
+        return run_transaction(self, bundle, base, validated=validated)
 
     def batch(self, bundle: Any, base: str) -> Json:
         """A batch Bundle: entries processed independently, each with its own status."""

@@ -72,6 +72,8 @@ CLINICAL = frozenset(
         "Task",
         "Communication",
         "RelatedPerson",
+        # the record of a message an MO sent (HL7 v2): the MO's own, like its results
+        "MessageHeader",
     }
 )
 CONSENT = frozenset({"Consent"})

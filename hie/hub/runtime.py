@@ -90,11 +90,14 @@ class Hub:
         """Stop the worker and the audit export, and release every opened engine."""
         if self._worker is not None:
             self._worker.stop()
+            self._worker = None
         if self._exporter is not None:
             self._exporter.stop()
+            self._exporter = None
         for name in ("search_index", "blobs", "rejected", "audit", "store"):
-            if name in self.__dict__:
-                self.__dict__[name].close()
+            opened = self.__dict__.pop(name, None)  # closed once, however often close() runs
+            if opened is not None:
+                opened.close()
 
 
 def open_hub(settings: Settings) -> Hub:

@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     worker_poll_seconds: float = 0.2
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
+    alert_ack_minutes: float = Field(
+        default=30.0,
+        description="an unacknowledged critical-result alert escalates to the MO's duty role",
+    )
+    alert_escalate_minutes: float = Field(
+        default=30.0, description="…and after this much longer, to the hub's duty operator"
+    )
+    alert_hub_operator: str = Field(
+        default="",
+        description="the hub's duty operator for escalated alerts (Practitioner or "
+        "PractitionerRole reference); empty: the hub's duty PractitionerRole",
+    )
     mpi_enabled: bool = Field(default=True, description="match every source Patient")
     mpi_auto_link_bits: float = Field(default=28.0, description="score that links on its own")
     mpi_review_bits: float = Field(default=16.0, description="score that asks an operator")

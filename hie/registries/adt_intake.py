@@ -21,20 +21,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hie.adapters.hl7v2 import (
+    APPLICATION_INTERNAL_ERROR,
+    REQUIRED_FIELD_MISSING,
+    TABLE_VALUE_NOT_FOUND,
+    Hl7Problem,
+    read_sender,
+)
 from hie.fhir.search import escape_value
 from hie.fhir.service import FhirService, content_json
 from hie.hub.errors import HieError
 from hie.hub.logging import get_logger
-from hie.registries.adt import (
-    APPLICATION_INTERNAL_ERROR,
-    REQUIRED_FIELD_MISSING,
-    TABLE_VALUE_NOT_FOUND,
-    AdtMessage,
-    AdtPatient,
-    Hl7Problem,
-    parse_adt,
-    read_sender,
-)
+from hie.registries.adt import AdtMessage, AdtPatient, parse_adt
 from hie.registries.identifiers import NATIONAL_SYSTEMS
 from hie.registries.patient_index import MasterPatientIndex, MergeOutcome, replaced_by
 from hie.registries.senders import SenderRegistry

@@ -49,6 +49,9 @@ ENDPOINT_PAYLOAD_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/endpoint-p
 HL7_FACILITY_SYSTEM = "https://hie.spb.ru/fhir/sid/hl7v2-sending-facility"
 # Endpoint.identifier system of HL7 v2 sending applications (MSH-3) an endpoint is limited to.
 HL7_APPLICATION_SYSTEM = "https://hie.spb.ru/fhir/sid/hl7v2-sending-application"
+# Endpoint.identifier: the SHA-256 fingerprint (hex) of a TLS client certificate the MO's
+# system presents on that connection (MLLP and DICOM over TLS)
+CERTIFICATE_SYSTEM = "https://hie.spb.ru/fhir/sid/tls-certificate-sha256"
 # Endpoint.identifier system of DICOM AE titles registered with the hub.
 DICOM_AE_TITLE_SYSTEM = "https://hie.spb.ru/fhir/sid/dicom-ae-title"
 # Organization.identifier system whose values are the MO's local patient identifier systems.

@@ -45,7 +45,7 @@ from hie.fhir.service import (
     new_id,
 )
 from hie.hub.audit import AuditRecord
-from hie.hub.auth import Forbidden, current_principal
+from hie.hub.auth import current_principal
 from hie.hub.errors import HieError, InvalidRequest, InvalidResource, NotFound, Unprocessable
 from hie.hub.logging import get_logger
 from hie.hub.store.port import IdentityIndex, StoredResource, TokenCond, WriteTx
@@ -156,19 +156,8 @@ class MasterPatientIndex:
     def check_systems(self, res: Json) -> None:
         """Refuse a Patient identifier whose system no MO registered: its number could not be
         told apart from another MO's same number, so it would mis-link people."""
-        p = current_principal.get()
-        writer = (
-            p.org if p is not None and p.has_role("mis") and not p.has_role("service") else None
-        )
         for i, ident in enumerate(res.get("identifier") or []):
             system = ident.get("system") if isinstance(ident, dict) else None
-            if writer and isinstance(system, str) and system:
-                owner = self.senders.mo_for_patient_id_system(normalise_system(system))
-                if owner is not None and owner.id != writer:
-                    raise Forbidden(
-                        f"Patient.identifier[{i}].system is the patient-number system of "
-                        f"Organization/{owner.id}: an MO writes only its own records"
-                    )
             if isinstance(system, str) and system and not self.known_system(system):
                 where = f"Patient.identifier[{i}].system"
                 raise InvalidResource(

@@ -29,6 +29,7 @@ from hie.fhir.search import escape_value, parse_search
 from hie.hub.logging import get_logger
 from hie.hub.store.port import ResourceStore, StoredResource
 from hie.registries.facility import (
+    CERTIFICATE_SYSTEM,
     CONNECTION_TYPE_SYSTEMS,
     DICOM_AE_TITLE_SYSTEM,
     DICOM_DIMSE,
@@ -61,6 +62,8 @@ class RegisteredEndpoint:
     hl7_facilities: tuple[str, ...] = ()
     hl7_applications: tuple[str, ...] = ()
     dicom: DicomAddress | None = None
+    # SHA-256 fingerprints (hex) of the TLS client certificates this connection presents
+    certificates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +103,15 @@ def _endpoint(res: dict[str, Any]) -> RegisteredEndpoint:
     address = res.get("address") if isinstance(res.get("address"), str) else None
     facilities: list[str] = []
     applications: list[str] = []
+    certificates: list[str] = []
     for ident in res.get("identifier") or []:
         if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
             continue
         system = ident.get("system")
         if system == HL7_APPLICATION_SYSTEM:
             applications.append(ident["value"].strip())
+        elif system == CERTIFICATE_SYSTEM:
+            certificates.append(ident["value"].strip().lower().replace(":", ""))
         elif system != DICOM_AE_TITLE_SYSTEM and code == HL7V2_MLLP:
             # DESIGN "Interfaces": Endpoint.identifier = the HL7 sending facility (MSH-4)
             facilities.append(ident["value"].strip())
@@ -122,6 +128,7 @@ def _endpoint(res: dict[str, Any]) -> RegisteredEndpoint:
         hl7_facilities=tuple(facilities),
         hl7_applications=tuple(applications),
         dicom=dicom,
+        certificates=tuple(certificates),
     )
 
 

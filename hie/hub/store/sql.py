@@ -966,7 +966,10 @@ class _Compiler:
         """Row ``r`` belongs to an owner with one of ``c.via``'s relationships (correlated:
         the row's few owner references are probed, never the owners' whole record)."""
         x = s.idx_reference.alias("cx")
-        pids = [param_id(t, p) for t, p in c.links if rt is None or t == rt]
+        # an owner's own links to other owners (Patient.link) are left out: its identity group
+        # (below) already holds the records they name, and following them too made a big
+        # group quadratic
+        pids = [param_id(t, p) for t, p in c.links if (rt is None or t == rt) and t != c.owner_type]
         branches: list[ColumnElement[bool]] = []
         if pids:
             branches.append(

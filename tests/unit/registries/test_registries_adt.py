@@ -10,14 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hie.adapters.hl7v2 import Hl7Problem, decode_message
 from hie.fhir.model import validate
-from hie.registries.adt import (
-    ADT_EVENTS,
-    AdtMessage,
-    Hl7Problem,
-    decode_message,
-    parse_adt,
-)
+from hie.registries.adt import ADT_EVENTS, AdtMessage, parse_adt
 from hie.registries.identifiers import (
     IDENTIFIER_TYPE_SYSTEM,
     OMS_SYSTEM,

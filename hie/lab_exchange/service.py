@@ -1,0 +1,386 @@
+"""Lab results into the integrated record: the operations the MLLP listener calls.
+
+:meth:`LabIntake.ingest_result` takes one ORU^R01, already parsed and from a registered MO, and
+returns what its acknowledgement must say (:class:`LabResult`). What it does, in order:
+
+1. maps the message (:func:`hie.lab_exchange.oru.map_oru`): invalid content is ``AE`` with the
+   problems located for ERR segments, and nothing is written;
+2. checks the codes of reports and results against the reference data (LOINC, the MO's local
+   lab code list): an unknown code is accepted, warned about in the ACK (ERR severity W, 103)
+   and counted (``hie_unknown_codes_total``);
+3. **idempotency**: the message is recorded as a MessageHeader whose id is derived from the
+   sending facility and MSH-10, with the digest of its bytes. The same message again is
+   ``AA`` and changes nothing; another message under a control id already used is ``AR``
+   (205, duplicate key) and is not stored;
+4. writes everything in **one transaction**, as the sending MO (the records are its own):
+   the patient (found by the MO's number for them, or created and matched by the master
+   patient index), the order (found by its placer or filler number, or created from the
+   OBR so the result always has one: a later order with the same numbers updates it), the
+   specimens, the report and its results (each updated in place by its identifier, so a
+   re-sent or corrected result is a new version, never a duplicate), and the MessageHeader.
+   The answer is ``AA`` only after that commit.
+
+Critical results are not handled here: the alerting consumer reads committed reports from the
+outbox (:mod:`hie.lab_exchange.alerts`), so the ACK never waits for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from hie.adapters.hl7v2 import (
+    APPLICATION_INTERNAL_ERROR,
+    TABLE_VALUE_NOT_FOUND,
+    Hl7Problem,
+    Message,
+)
+from hie.fhir.search import escape_value, parse_search
+from hie.fhir.service import FhirService
+from hie.hub.auth import Principal, Scope, acting_as
+from hie.hub.errors import HieError
+from hie.hub.logging import get_logger
+from hie.lab_exchange.oru import (
+    LAB_NAMESPACE,
+    Entry,
+    LabContext,
+    LabReport,
+    OruMessage,
+    map_oru,
+    practitioner_reference,
+)
+from hie.registries.senders import RegisteredMo, SenderRegistry
+from hie.registries.terminology import Terminology, flag_unknown
+
+log = get_logger("hie.lab")
+
+Json = dict[str, Any]
+# HL7 table 0357: 205 duplicate key identifier.
+DUPLICATE_KEY: str = "205"
+DIGEST_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/message-digest"
+LOCAL_LAB_CODES = "https://hie.spb.ru/fhir/CodeSystem/lab-local/"
+V2_EVENT = "http://terminology.hl7.org/CodeSystem/v2-0003"
+
+
+@dataclass(slots=True)
+class LabResult:
+    """What one lab message did, and what its ACK says (MSA-1 and the ERR segments)."""
+
+    ack_code: Literal["AA", "AE", "AR"]
+    errors: list[Hl7Problem] = field(default_factory=list)
+    warnings: list[Hl7Problem] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)  # DiagnosticReport ids written
+    duplicate: bool = False  # the same message again: acknowledged, nothing written
+    critical: int = 0  # critical results among them (alerts follow from the outbox)
+
+
+def mo_principal(mo: RegisteredMo, via: str) -> Principal:
+    """The principal a registered MO's system acts as over a non-HTTP channel (MLLP, DICOM):
+    role ``mis`` for that MO, so what it writes is its own (access policy, issue #5)."""
+    return Principal(
+        subject=f"{via}:{mo.id}",
+        roles=frozenset({"mis"}),
+        org=mo.id,
+        scopes=(Scope("system", "*", frozenset("cruds")),),
+        issuer=via,
+        name=mo.name,
+    )
+
+
+def message_id(facility: str, control_id: str) -> str:
+    """The MessageHeader id of a message: one per sending facility and MSH-10."""
+    return str(uuid.uuid5(LAB_NAMESPACE, f"message|{facility}|{control_id}"))
+
+
+class LabIntake:
+    """ORU^R01 → the integrated record (see the module docstring)."""
+
+    def __init__(
+        self,
+        svc: FhirService,
+        senders: SenderRegistry | None = None,
+        terminology: Terminology | None = None,
+    ) -> None:
+        self.svc = svc
+        self.senders = senders or SenderRegistry(svc.store)
+        self.terminology = terminology or Terminology(svc.store, recheck_seconds=5.0)
+
+    def ingest_result(self, raw: bytes, msg: Message, mo: RegisteredMo) -> LabResult:
+        """Apply one ORU^R01 from ``mo``; never raises for anything a sender can send
+        (header problems are the caller's: it parsed the message)."""
+        oru = map_oru(
+            msg,
+            local_code_system=LOCAL_LAB_CODES + mo.id,
+            default_system=mo.patient_id_system,
+            system_for_authority=self._system_for_authority,
+            organization=mo.reference,
+        )
+        if oru.errors:
+            return LabResult("AE", list(oru.errors), list(oru.warnings))
+        result = LabResult("AA", warnings=list(oru.warnings))
+        header = msg.header
+        mid = message_id(header.sending_facility, header.control_id)
+        digest = hashlib.sha256(raw).hexdigest()
+        seen = self.svc.store.read("MessageHeader", mid)
+        result.warnings += self._check_codes(oru)
+        if seen is not None and not seen.deleted:
+            return self._again(seen.content, digest, result)
+        bundle = self._bundle(oru, msg, mo, mid, digest)
+        try:
+            with acting_as(mo_principal(mo, "mllp")):
+                answer = self.svc.transaction(bundle, "", validated=True)
+        except HieError as err:
+            # refused by the policy or the store (another MO's record, an ambiguous number):
+            # nothing was written; the sender hears why
+            log.info("lab.refused", code=err.code, mo=mo.id)
+            return LabResult(
+                "AE",
+                [Hl7Problem(APPLICATION_INTERNAL_ERROR, err.message, "OBR", 1)],
+                result.warnings,
+            )
+        result.reports = [
+            _id_of(e)
+            for e, b in zip(answer["entry"], bundle["entry"], strict=True)
+            if b["resource"]["resourceType"] == "DiagnosticReport"
+        ]
+        result.critical = sum(len(r.critical) for p in oru.patients for r in p.reports)
+        log.info("lab.stored", mo=mo.id, reports=len(result.reports), critical=result.critical)
+        return result
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _system_for_authority(self, namespace: str) -> str | None:
+        """A CX.4 namespace naming a registered MO (by its HL7 facility) → that MO's system."""
+        other = self.senders.mo_for_hl7_sender(None, namespace)
+        return other.patient_id_system if other is not None else None
+
+    def _check_codes(self, oru: OruMessage) -> list[Hl7Problem]:
+        """Warnings for report and result codes the reference data does not know."""
+        out: list[Hl7Problem] = []
+        seen: set[tuple[str, str]] = set()
+        for group in oru.patients:
+            for rep in group.reports:
+                for entry, segment, field_no in (
+                    (rep.report, "OBR", 4),
+                    *((o, "OBX", 3) for o in rep.observations),
+                ):
+                    for system, code in _codings(entry.resource.get("code")):
+                        if (system, code) in seen:
+                            continue
+                        seen.add((system, code))
+                        check = self.terminology.check_code(system, code)
+                        if check.known:
+                            continue
+                        flag_unknown(system)
+                        out.append(
+                            Hl7Problem(
+                                TABLE_VALUE_NOT_FOUND,
+                                f"{segment}-{field_no}: {check.message}; stored and flagged",
+                                segment,
+                                1,
+                                field_no,
+                            )
+                        )
+        return out
+
+    def _again(self, content: bytes | None, digest: str, result: LabResult) -> LabResult:
+        """A control id already stored: the same bytes are acknowledged again, anything
+        else under that id is refused."""
+        tags = (orjson.loads(content or b"{}").get("meta") or {}).get("tag") or []
+        stored = next((t.get("code") for t in tags if t.get("system") == DIGEST_SYSTEM), None)
+        if stored == digest:
+            result.duplicate = True
+            return result
+        return LabResult(
+            "AR",
+            [
+                Hl7Problem(
+                    DUPLICATE_KEY,
+                    "MSH-10: this message control id was already used by this sending facility "
+                    "for a different message; send new content under a new control id",
+                    "MSH",
+                    1,
+                    10,
+                    reject=True,
+                )
+            ],
+        )
+
+    def _bundle(
+        self, oru: OruMessage, msg: Message, mo: RegisteredMo, mid: str, digest: str
+    ) -> Json:
+        """The transaction that stores the message (see the module docstring, step 4)."""
+        entries: list[Json] = []
+        requesters = self._requesters(msg, mo)
+        focus: list[Json] = []
+        n = 0
+        for group in oru.patients:
+            entries.append(_create_once(group.patient))
+            for rep in group.reports:
+                order_url = self._order(rep, group.patient, requesters, n, entries)
+                n += 1
+                for entry in (*rep.specimens, rep.report, *rep.observations):
+                    res = dict(entry.resource)
+                    if "basedOn" in res:
+                        res["basedOn"] = [{"reference": order_url}]
+                    entries.append(_upsert(entry, res))
+                focus.append({"reference": rep.report.full_url})
+        header = msg.header
+        entries.append(
+            {
+                "resource": {
+                    "resourceType": "MessageHeader",
+                    "id": mid,
+                    "meta": {"tag": [{"system": DIGEST_SYSTEM, "code": digest}]},
+                    "eventCoding": {
+                        "system": V2_EVENT,
+                        "code": header.trigger_event or "R01",
+                    },
+                    "source": {
+                        "name": header.sending_application or None,
+                        "endpoint": f"urn:hl7v2:{header.sending_facility}",
+                    },
+                    "sender": {"reference": mo.reference},
+                    "focus": focus,
+                    "definition": None,
+                },
+                "request": {"method": "PUT", "url": f"MessageHeader/{mid}"},
+            }
+        )
+        for e in entries:  # no empty elements (FHIR: absent, not null)
+            e["resource"] = _drop_empty(e["resource"])
+        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+    def _requesters(self, msg: Message, mo: RegisteredMo) -> list[Json | None]:
+        """The ordering provider of each OBR (OBR-16, else ORC-12), resolved in the
+        practitioner registry where it is known (a PractitionerRole names their MO)."""
+        ctx = LabContext.of(msg, LOCAL_LAB_CODES + mo.id)
+        out: list[Json | None] = []
+        orc = None
+        for seg in msg.segments:
+            if seg.name == "ORC":
+                orc = seg
+            elif seg.name == "OBR":
+                ref = practitioner_reference(ctx, seg, 16)
+                if ref is None and orc is not None:
+                    ref = practitioner_reference(ctx, orc, 12)
+                out.append(self._resolve_practitioner(ref))
+                orc = None
+        return out
+
+    def _resolve_practitioner(self, ref: Json | None) -> Json | None:
+        ident = (ref or {}).get("identifier")
+        if not ident:
+            return ref
+        token = f"{escape_value(ident['system'])}|{escape_value(ident['value'])}"
+        found = self._search("Practitioner", [("identifier", token)], 2)
+        if len(found) != 1:
+            return ref
+        pid = found[0].id
+        roles = self._search(
+            "PractitionerRole", [("practitioner", f"Practitioner/{pid}"), ("active", "true")], 1
+        )
+        target = f"PractitionerRole/{roles[0].id}" if roles else f"Practitioner/{pid}"
+        out: Json = {"reference": target}
+        if ref and ref.get("display"):
+            out["display"] = ref["display"]
+        return out
+
+    def _search(self, rtype: str, items: list[tuple[str, str]], count: int) -> list[Any]:
+        """Current resources matching ``items`` (directory lookups; no principal needed)."""
+        q = parse_search(rtype, items, default_count=count, max_count=count).query
+        return list(self.svc.store.search(q).items)
+
+    def _order(
+        self,
+        rep: LabReport,
+        patient: Entry,
+        requesters: list[Json | None],
+        n: int,
+        entries: list[Json],
+    ) -> str:
+        """The order the report answers: found by its numbers, else made from the OBR."""
+        number = rep.filler or rep.placer or {}
+        url = "urn:uuid:" + str(
+            uuid.uuid5(
+                LAB_NAMESPACE, f"ServiceRequest|{number.get('system')}|{number.get('value')}"
+            )
+        )
+        order: Json = {
+            "resourceType": "ServiceRequest",
+            "identifier": [i for i in (rep.placer, rep.filler) if i],
+            "status": "completed" if rep.report.resource.get("status") == "final" else "active",
+            "intent": "order",
+            "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "108252007"}]}],
+            "code": rep.report.resource.get("code"),
+            "subject": {"reference": patient.full_url},
+        }
+        requester = requesters[n] if n < len(requesters) else None
+        if requester:
+            order["requester"] = requester
+        # the filler number names the order once the lab has it, else the placer's does
+        key = f"{escape_value(str(number.get('system')))}|{escape_value(str(number.get('value')))}"
+        entries.append(
+            {
+                "fullUrl": url,
+                "resource": order,
+                "request": {
+                    "method": "POST",
+                    "url": "ServiceRequest",
+                    "ifNoneExist": f"identifier={key}",
+                },
+            }
+        )
+        return url
+
+
+def _create_once(entry: Entry) -> Json:
+    """An entry that creates the resource unless one with its identifier exists."""
+    out: Json = {"fullUrl": entry.full_url, "resource": entry.resource}
+    ident = entry.identifier
+    if ident:
+        key = f"{escape_value(ident['system'])}|{escape_value(ident['value'])}"
+        out["request"] = {
+            "method": "POST",
+            "url": entry.resource_type,
+            "ifNoneExist": f"identifier={key}",
+        }
+    else:
+        out["request"] = {"method": "POST", "url": entry.resource_type}
+    return out
+
+
+def _upsert(entry: Entry, res: Json) -> Json:
+    """An entry that updates the resource with the entry's identifier (or creates it)."""
+    ident = entry.identifier or {}
+    key = f"{escape_value(ident.get('system', ''))}|{escape_value(ident.get('value', ''))}"
+    return {
+        "fullUrl": entry.full_url,
+        "resource": res,
+        "request": {"method": "PUT", "url": f"{entry.resource_type}?identifier={key}"},
+    }
+
+
+def _codings(concept: Any) -> Iterator[tuple[str, str]]:
+    for c in (concept or {}).get("coding") or []:
+        if isinstance(c, dict) and c.get("system") and c.get("code"):
+            yield str(c["system"]), str(c["code"])
+
+
+def _drop_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v not in (None, "", [], {})}
+    if isinstance(value, list):
+        return [_drop_empty(v) for v in value]
+    return value
+
+
+def _id_of(entry: Json) -> str:
+    location = str((entry.get("response") or {}).get("location", ""))
+    parts = location.split("/")
+    return parts[1] if len(parts) > 1 else ""
