@@ -54,8 +54,7 @@ def serve(
     import uvicorn
 
     from hie.adapters.hl7_listener import start_mllp
-    from hie.fhir.app import create_app
-    from hie.fhir.indexing import SearchIndexer
+    from hie.fhir.app import background_work, create_app
     from hie.hub.runtime import open_hub
 
     settings = _settings()
@@ -92,7 +91,7 @@ def serve(
             uvicorn.run(create_app(settings, hub), **options)  # type: ignore[arg-type]
             return
         if settings.worker:
-            hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+            background_work(hub)
             hub.start_worker()
         os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
         uvicorn.run(
@@ -112,13 +111,13 @@ def _run_without_http(hub: Hub) -> None:
     import signal
     import threading
 
-    from hie.fhir.indexing import SearchIndexer
+    from hie.fhir.app import background_work
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if hub.settings.worker:
-        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+        background_work(hub)
         hub.start_worker()
     stop.wait()
 
@@ -131,12 +130,12 @@ def worker(
     import signal
     import threading
 
-    from hie.fhir.indexing import SearchIndexer
+    from hie.fhir.app import background_work
     from hie.hub.runtime import open_hub
 
     settings = _settings()
     hub = open_hub(settings)
-    hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+    background_work(hub)
     if once:
         hub.worker.drain(timeout=3600)
         hub.close()
@@ -194,12 +193,14 @@ def demo(
         hub.close()
         return
     svc = FhirService(hub.store, settings)
+    from hie.lab_exchange.alerts import load_builtin_limits
     from hie.registries.patient_index import attach_mpi
     from hie.registries.terminology import load_builtin
 
     attach_mpi(svc)  # demo patients get golden records like any MO's
 
     load_builtin(svc)  # the reference data the demo's codes come from
+    load_builtin_limits(svc)  # critical limits of lab tests (alerts)
     with Progress() as progress:
         task = progress.add_task("demo patients", total=patients)
         sent = load_demo(
@@ -432,6 +433,7 @@ def terminology_load(
 
     from hie.fhir.service import FhirService
     from hie.hub.runtime import open_hub
+    from hie.lab_exchange.alerts import load_builtin_limits
     from hie.registries.terminology import LoadError, LoadReport, load_builtin, load_files
 
     files = [Path(p) for p in paths or []]
@@ -458,6 +460,13 @@ def terminology_load(
 
             if builtin:
                 reports.append(load_builtin(svc, advance))
+                limits = load_builtin_limits(svc)
+                typer.echo(
+                    f"critical limits: {len(limits.created)} created, {len(limits.updated)} "
+                    f"updated, {len(limits.unchanged)} unchanged, {len(limits.kept)} kept as "
+                    "operators changed them",
+                    err=True,
+                )
             if files:
                 reports.append(
                     load_files(

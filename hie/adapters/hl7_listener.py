@@ -10,8 +10,8 @@ frame. For one message it:
    fingerprint as an identifier) — else ``AR``;
 3. hands it, as that MO (:func:`~hie.lab_exchange.service.mo_principal`), to the service for
    its type: ADT to the master patient index (:class:`~hie.registries.adt_intake.AdtIntake`),
-   ORU^R01 to the lab intake (:class:`~hie.lab_exchange.service.LabIntake`); any other type
-   is ``AR`` (200, unsupported message type);
+   ORU^R01 (results) and ORM^O01 / OML^O21 (orders) to the lab intake
+   (:class:`~hie.lab_exchange.service.LabIntake`); any other type is ``AR`` (200);
 4. keeps every message answered ``AE`` or ``AR`` — and every frame that never became a
    message (garbage, too large, truncated) — in the rejected-message store, raw bytes and
    all, before the sender hears the answer (``hie messages list|show|replay``);
@@ -188,10 +188,16 @@ class Hl7Listener:
             except Hl7Problem as problem:
                 return Outcome("AR" if problem.reject else "AE", header, [problem], mo=mo.id)
             return Outcome(lab.ack_code, header, lab.errors, lab.warnings, mo.id)
+        if kind in ("ORM", "OML"):
+            try:
+                order = self.lab.ingest_order(raw, parse(raw), mo)
+            except Hl7Problem as problem:
+                return Outcome("AR" if problem.reject else "AE", header, [problem], mo=mo.id)
+            return Outcome(order.ack_code, header, order.errors, order.warnings, mo.id)
         unsupported = Hl7Problem(
             UNSUPPORTED_MESSAGE_TYPE,
             f"MSH-9: message type {kind or '(empty)'} is not one the hub accepts over MLLP "
-            "(ADT, ORU)",
+            "(ADT, ORU, ORM, OML)",
             "MSH",
             1,
             9,

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hie import __version__
+from hie.fhir.admin_api import admin_router
 from hie.fhir.api import FHIR_JSON, FhirApi, fhir_response
 from hie.fhir.audit_api import audit_router
 from hie.fhir.indexing import SearchIndexer
@@ -293,13 +294,26 @@ def app_from_env() -> FastAPI:
     return create_app(settings, start_worker=False)
 
 
+def background_work(hub: Hub) -> None:
+    """Register what the worker process runs (once per hub): the full-text indexer and the
+    critical-result alerts (outbox consumers), and the alert escalator (a job)."""
+    from hie.lab_exchange.alerts import AlertEscalator, CriticalResultAlerts
+
+    names = {c.name for c in hub.consumers}
+    svc = FhirService(hub.store, hub.settings, trail=hub.audit)  # the hub's own writes
+    if "search-index" not in names and hub.settings.search_url:
+        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+    if CriticalResultAlerts.name not in names:
+        hub.add_consumers([CriticalResultAlerts(hub.store, svc, hub.settings)])
+        hub.add_jobs([AlertEscalator(hub.store, svc, hub.settings)])
+
+
 def create_app(
     settings: Settings, hub: Hub | None = None, *, start_worker: bool | None = None
 ) -> FastAPI:
     """Build the HTTP app over ``hub`` (opened from settings when not given)."""
     hub = hub or open_hub(settings)
-    if not hub.consumers and settings.search_url:
-        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+    background_work(hub)
     service = FhirService(
         hub.store,
         settings,
@@ -382,6 +396,7 @@ def create_app(
 
     app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
     app.include_router(audit_router(service, hub.audit, settings))
+    app.include_router(admin_router(service, mpi, lambda: hub.rejected, settings))
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))
     app.include_router(FhirApi(service, settings).router)

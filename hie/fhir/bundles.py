@@ -156,7 +156,18 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
             mapping[op.full_url] = f"{op.resource_type}/{op.id}"
     when = now_us()
     with svc.store.transaction() as tx:
-        # conditional creates and updates decide their target inside the transaction
+        # conditional creates and updates decide their target inside the transaction; updates
+        # by one identifier each (a lab report's results) are looked up together, per type
+        by_identifier: dict[int, list[tuple[str, str]]] = {}
+        puts: dict[str, list[_Op]] = {}
+        for op in ops:
+            if op.method == "PUT" and op.id is None and op.criteria:
+                puts.setdefault(op.resource_type, []).append(op)
+        for rtype, group in puts.items():
+            matched = svc._match_identifiers(tx, rtype, [o.criteria or [] for o in group])
+            for o, hits in zip(group, matched, strict=True):
+                if hits is not None:
+                    by_identifier[o.index] = hits
         for op in sorted(ops, key=lambda o: _ORDER[o.method]):
             if op.method == "POST" and op.if_none_exist:
                 found = svc._match(tx, op.resource_type, op.if_none_exist)
@@ -170,7 +181,12 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
                     if op.full_url:
                         mapping[op.full_url] = f"{op.resource_type}/{op.id}"
             elif op.method == "PUT" and op.id is None:
-                found = svc._match(tx, op.resource_type, op.criteria or [])
+                known = by_identifier.get(op.index)
+                found = (
+                    known
+                    if known is not None
+                    else svc._match(tx, op.resource_type, op.criteria or [])
+                )
                 if len(found) > 1:
                     raise PreconditionFailed(
                         f"entry {op.index}: conditional update matched {len(found)} resources"

@@ -436,6 +436,13 @@ medium token medium
 priority token priority
 about reference about
 """,
+    # Reference data: what a test is and its critical limits (qualifiedInterval category
+    # critical), read by the critical-result alerts
+    "ObservationDefinition": """
+identifier token identifier
+code token code
+category token category
+""",
     # A message the hub received over HL7 v2 (the record of what arrived, and its digest)
     "MessageHeader": """
 event token event[x]

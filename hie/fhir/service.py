@@ -8,6 +8,7 @@ The HTTP layer (:mod:`hie.fhir.api`) and the protocol adapters call these; every
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -399,22 +400,59 @@ class FhirService:
             self.mpi.on_patient_written(tx, res, stored, when)
 
     def write_internal(
-        self, tx: WriteTx, res: Json, resource_type: str, id: str, when: int, *, fresh: bool = False
+        self,
+        tx: WriteTx,
+        res: Json,
+        resource_type: str,
+        id: str,
+        when: int,
+        *,
+        fresh: bool = False,
+        owner: str | None = None,
     ) -> StoredResource:
         """Write a resource the hub itself keeps (a golden Patient, a review Task, an
         AuditEvent) inside ``tx``: no sender checks, no master-patient-index hook. The content
         is built by the hub from validated parts, so it is not validated again. ``fresh``: the
-        caller just made ``id`` up, so there is no current version to read."""
+        caller just made ``id`` up, so there is no current version to read. ``owner``: the MO
+        whose record it is (a critical-result alert addressed to it), when it is new."""
         cur = None if fresh else tx.current(resource_type, id)
         version = cur.version + 1 if cur else 1
         new = self.prepare(
             res, resource_type, id, version, when, "PUT", validated=True, internal=True
         )
-        return tx.write(new, version, when)
+        return tx.write(dataclasses.replace(new, owner=owner) if owner else new, version, when)
 
     def delete_internal(self, tx: WriteTx, resource_type: str, id: str, when: int) -> None:
         """Delete a resource the hub keeps (a golden record left without sources)."""
         self._delete_in(tx, resource_type, id, when, internal=True)
+
+    def _match_identifiers(
+        self, tx: WriteTx, resource_type: str, criteria: list[list[tuple[str, str]]]
+    ) -> list[list[tuple[str, str]] | None]:
+        """The targets of many conditional updates at once, where each criteria is one
+        ``identifier=sys|value`` (a transaction's updates of a lab report and its results):
+        one query per type. None for criteria of another shape (matched one by one)."""
+        tokens: dict[int, tuple[str, str]] = {}
+        for i, items in enumerate(criteria):
+            if len(items) != 1 or items[0][0] != "identifier":
+                continue
+            conds = parse_search(resource_type, items, default_count=3, max_count=3).query.conds
+            cond = conds[0] if len(conds) == 1 else None
+            if isinstance(cond, TokenCond) and cond.system and cond.code and not cond.negate:
+                tokens[i] = (cond.system, cond.code)
+        out: list[list[tuple[str, str]] | None] = [None] * len(criteria)
+        if not tokens:
+            return out
+        # the target of a conditional update is looked for among the records the caller may
+        # update (an MO: its own), so another organisation's record with the same identifier
+        # is neither changed nor revealed
+        grant = list(self.grant(resource_type, "u").conds)
+        if resource_type == "Patient":
+            grant.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
+        found = tx.ids_by_token(resource_type, "identifier", list(tokens.values()), grant)
+        for i, tok in tokens.items():
+            out[i] = [(resource_type, rid) for rid in found[tok][:3]]
+        return out
 
     def _match(
         self, tx: WriteTx, resource_type: str, criteria: str | list[tuple[str, str]]

@@ -87,7 +87,9 @@ DIRECTORY = frozenset(
         "HealthcareService",
     }
 )
-TERMINOLOGY = frozenset({"CodeSystem", "ValueSet", "ConceptMap", "NamingSystem"})
+TERMINOLOGY = frozenset(
+    {"CodeSystem", "ValueSet", "ConceptMap", "NamingSystem", "ObservationDefinition"}
+)
 AUDIT = frozenset({"AuditEvent"})
 
 # role → category (or a resource type, which wins over its category) → permissions
@@ -101,8 +103,22 @@ RULES: dict[str, dict[str, str]] = {
         "other": "cruds",
     },
     "mis": {"clinical": "cruds", "consent": "rs", "directory": "rs", "terminology": "rs"},
-    "clinician": {"clinical": "rs", "consent": "rs", "directory": "rs", "terminology": "rs"},
-    "radiologist": {"clinical": "rs", "consent": "rs", "directory": "rs", "terminology": "rs"},
+    # clinicians update Tasks (acknowledging a critical result addressed to their MO: its own
+    # records only, like every MO write)
+    "clinician": {
+        "clinical": "rs",
+        "Task": "rus",
+        "consent": "rs",
+        "directory": "rs",
+        "terminology": "rs",
+    },
+    "radiologist": {
+        "clinical": "rs",
+        "Task": "rus",
+        "consent": "rs",
+        "directory": "rs",
+        "terminology": "rs",
+    },
     "patient": {
         "clinical": "rs",
         "consent": "cruds",
@@ -124,6 +140,7 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "patient-merge": frozenset({"service", "mis", "admin"}),  # $merge, $unmerge, ADT A40
     "mpi-explain": frozenset({"service", "admin"}),
     "audit-stats": frozenset({"service", "admin", "official"}),  # counts, no one named
+    "rejected-messages": frozenset({"service", "admin"}),  # /admin/messages: may hold patient data
     "validate": frozenset(RULES),
 }
 APPEND_ONLY = AUDIT  # no update or delete, for anyone

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import cached_property
+from typing import Protocol
 
 from hie.hub.audit import SqlAuditLog, open_audit_log
 from hie.hub.audit_export import AuditExporter, exporter_from_settings
@@ -20,12 +21,23 @@ from hie.hub.settings import Settings
 from hie.hub.store import ResourceStore, open_resource_store
 
 
+class Job(Protocol):
+    """A background job the worker process runs beside the outbox worker (alert escalation)."""
+
+    def start(self) -> None:
+        """Start its thread."""
+
+    def stop(self) -> None:
+        """Stop it (after the step in hand)."""
+
+
 class Hub:
     """Holds the hub's ports; close it to release them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.consumers: list[Consumer] = []
+        self.jobs: list[Job] = []
         self._lock = threading.Lock()
         self._worker: OutboxWorker | None = None
         self._exporter: AuditExporter | None = None
@@ -65,6 +77,10 @@ class Hub:
         """Register outbox consumers (before :meth:`start_worker`)."""
         self.consumers.extend(consumers)
 
+    def add_jobs(self, jobs: Sequence[Job]) -> None:
+        """Register background jobs started with the worker (before :meth:`start_worker`)."""
+        self.jobs.extend(jobs)
+
     @property
     def worker(self) -> OutboxWorker:
         """The outbox worker over the registered consumers."""
@@ -76,11 +92,13 @@ class Hub:
             return self._worker
 
     def start_worker(self) -> None:
-        """Run the outbox worker in a background thread, and the audit export to a syslog/
-        ATNA collector when ``HIE_AUDIT_SYSLOG_URL`` asks for it (one process does both, so
-        one exporter sends each record)."""
+        """Run the outbox worker in a background thread, the registered jobs, and the audit
+        export to a syslog/ATNA collector when ``HIE_AUDIT_SYSLOG_URL`` asks for it (one
+        process does all of it, so one exporter sends each record)."""
         self.worker.start()
         with self._lock:
+            for job in self.jobs:
+                job.start()
             if self._exporter is None:
                 self._exporter = exporter_from_settings(self.settings, self.audit)
                 if self._exporter is not None:
@@ -91,6 +109,8 @@ class Hub:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
+            for job in self.jobs:
+                job.stop()
         if self._exporter is not None:
             self._exporter.stop()
             self._exporter = None

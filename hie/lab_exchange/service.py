@@ -27,8 +27,9 @@ outbox (:mod:`hie.lab_exchange.alerts`), so the ACK never waits for it.
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,12 +40,15 @@ from hie.adapters.hl7v2 import (
     TABLE_VALUE_NOT_FOUND,
     Hl7Problem,
     Message,
+    MessageHeader,
 )
 from hie.fhir.search import escape_value, parse_search
 from hie.fhir.service import FhirService
-from hie.hub.auth import Principal, Scope, acting_as
+from hie.hub.auth import HUB, Principal, Scope, acting_as
 from hie.hub.errors import HieError
 from hie.hub.logging import get_logger
+from hie.hub.store.sql import now_us
+from hie.lab_exchange.orders import OrderMessage, map_order
 from hie.lab_exchange.oru import (
     LAB_NAMESPACE,
     Entry,
@@ -65,6 +69,12 @@ DUPLICATE_KEY: str = "205"
 DIGEST_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/message-digest"
 LOCAL_LAB_CODES = "https://hie.spb.ru/fhir/CodeSystem/lab-local/"
 V2_EVENT = "http://terminology.hl7.org/CodeSystem/v2-0003"
+# ORC-1 order controls that carry a whole order (new, or a replacement of one)
+NEW_ORDER = frozenset({"NW", "XO", "RO", "SN", "PA"})
+# HL7 table 0357: 204 unknown key identifier
+UNKNOWN_KEY = "204"
+# meta.tag of an order the hub made from a result that arrived before its order
+ORDER_ORIGIN = "https://hie.spb.ru/fhir/CodeSystem/lab-order-origin"
 
 
 @dataclass(slots=True)
@@ -109,6 +119,9 @@ class LabIntake:
         self.svc = svc
         self.senders = senders or SenderRegistry(svc.store)
         self.terminology = terminology or Terminology(svc.store, recheck_seconds=5.0)
+        self._lock = threading.Lock()
+        self._practitioners: dict[tuple[Any, ...], Json | None] = {}
+        self._directory_marker: tuple[object, ...] = ()
 
     def ingest_result(self, raw: bytes, msg: Message, mo: RegisteredMo) -> LabResult:
         """Apply one ORU^R01 from ``mo``; never raises for anything a sender can send
@@ -122,35 +135,88 @@ class LabIntake:
         )
         if oru.errors:
             return LabResult("AE", list(oru.errors), list(oru.warnings))
-        result = LabResult("AA", warnings=list(oru.warnings))
-        header = msg.header
-        mid = message_id(header.sending_facility, header.control_id)
-        digest = hashlib.sha256(raw).hexdigest()
-        seen = self.svc.store.read("MessageHeader", mid)
-        result.warnings += self._check_codes(oru)
-        if seen is not None and not seen.deleted:
-            return self._again(seen.content, digest, result)
-        bundle = self._bundle(oru, msg, mo, mid, digest)
-        try:
-            with acting_as(mo_principal(mo, "mllp")):
-                answer = self.svc.transaction(bundle, "", validated=True)
-        except HieError as err:
-            # refused by the policy or the store (another MO's record, an ambiguous number):
-            # nothing was written; the sender hears why
-            log.info("lab.refused", code=err.code, mo=mo.id)
-            return LabResult(
-                "AE",
-                [Hl7Problem(APPLICATION_INTERNAL_ERROR, err.message, "OBR", 1)],
-                result.warnings,
+        result = LabResult("AA", warnings=[*oru.warnings, *self._check_codes(oru)])
+        with acting_as(mo_principal(mo, "mllp")):
+            answer = self._store(
+                raw, msg, mo, result, lambda mid, digest: self._bundle(oru, msg, mo, mid, digest)
             )
+        if answer is None:
+            return result
         result.reports = [
-            _id_of(e)
-            for e, b in zip(answer["entry"], bundle["entry"], strict=True)
-            if b["resource"]["resourceType"] == "DiagnosticReport"
+            str(e["response"]["location"]).split("/")[1]
+            for e in answer["entry"]
+            if str((e.get("response") or {}).get("location", "")).startswith("DiagnosticReport/")
         ]
         result.critical = sum(len(r.critical) for p in oru.patients for r in p.reports)
         log.info("lab.stored", mo=mo.id, reports=len(result.reports), critical=result.critical)
         return result
+
+    def ingest_order(self, raw: bytes, msg: Message, mo: RegisteredMo) -> LabResult:
+        """Apply one ORM^O01 or OML^O21 from ``mo`` (the ordering clinic): a new order is
+        stored (its ServiceRequest keyed by the placer number, and a Task for the lab's
+        workflow); a cancel, hold or release changes the status of the stored order. Results
+        that arrived before their order are linked to it afterwards."""
+        lab = self.senders.mo_for_hl7_sender(None, msg.header.receiving_facility)
+        om = map_order(
+            msg,
+            local_code_system=LOCAL_LAB_CODES + mo.id,
+            default_system=mo.patient_id_system,
+            system_for_authority=self._system_for_authority,
+            performer=lab.reference if lab is not None else None,
+        )
+        if om.errors:
+            return LabResult("AE", list(om.errors), list(om.warnings))
+        result = LabResult("AA", warnings=list(om.warnings))
+        with acting_as(mo_principal(mo, "mllp")):
+            try:
+                answer = self._store(
+                    raw,
+                    msg,
+                    mo,
+                    result,
+                    lambda mid, digest: self._order_bundle(om, mo, mid, digest),
+                )
+            except Hl7Problem as problem:
+                return LabResult("AE", [problem], result.warnings)
+        if answer is not None:
+            self._link_earlier_results(om)
+        log.info("lab.order", mo=mo.id, orders=len(om.orders), code=result.ack_code)
+        return result
+
+    def _store(
+        self,
+        raw: bytes,
+        msg: Message,
+        mo: RegisteredMo,
+        result: LabResult,
+        build: Callable[[str, str], Json],
+    ) -> Json | None:
+        """Idempotency, then the transaction ``build`` makes (as the current principal).
+        None when nothing was written (a repeat, or a refusal recorded in ``result``)."""
+        header = msg.header
+        mid = message_id(header.sending_facility, header.control_id)
+        digest = hashlib.sha256(raw).hexdigest()
+        seen = self.svc.store.read("MessageHeader", mid)
+        if seen is not None and not seen.deleted:
+            again = self._again(seen.content, digest, result)
+            result.ack_code, result.errors, result.duplicate = (
+                again.ack_code,
+                again.errors,
+                again.duplicate,
+            )
+            if again.ack_code != "AA":
+                result.warnings = []
+            return None
+        bundle = build(mid, digest)
+        try:
+            return self.svc.transaction(bundle, "", validated=True)
+        except HieError as err:
+            # refused by the policy or the store (another MO's record, an ambiguous number):
+            # nothing was written; the sender hears why
+            log.info("lab.refused", code=err.code, mo=mo.id)
+            result.ack_code = "AE"
+            result.errors = [Hl7Problem(APPLICATION_INTERNAL_ERROR, err.message, "MSH", 1)]
+            return None
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -230,31 +296,77 @@ class LabIntake:
                         res["basedOn"] = [{"reference": order_url}]
                     entries.append(_upsert(entry, res))
                 focus.append({"reference": rep.report.full_url})
-        header = msg.header
-        entries.append(
-            {
-                "resource": {
-                    "resourceType": "MessageHeader",
-                    "id": mid,
-                    "meta": {"tag": [{"system": DIGEST_SYSTEM, "code": digest}]},
-                    "eventCoding": {
-                        "system": V2_EVENT,
-                        "code": header.trigger_event or "R01",
-                    },
-                    "source": {
-                        "name": header.sending_application or None,
-                        "endpoint": f"urn:hl7v2:{header.sending_facility}",
-                    },
-                    "sender": {"reference": mo.reference},
-                    "focus": focus,
-                    "definition": None,
-                },
-                "request": {"method": "PUT", "url": f"MessageHeader/{mid}"},
-            }
-        )
-        for e in entries:  # no empty elements (FHIR: absent, not null)
-            e["resource"] = _drop_empty(e["resource"])
+        entries.append(_message_header(msg.header, mo, mid, digest, focus))
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+    def _order_bundle(self, om: OrderMessage, mo: RegisteredMo, mid: str, digest: str) -> Json:
+        """The transaction that stores an order message."""
+        entries: list[Json] = []
+        if om.patient is not None:
+            entries.append(_create_once(om.patient))
+        focus: list[Json] = []
+        for n, order in enumerate(om.orders):
+            sr = dict(order.service_request.resource)
+            if sr.get("requester"):
+                sr["requester"] = self._resolve_practitioner(sr["requester"])
+            if order.control in NEW_ORDER:
+                entries += [_upsert(s, s.resource) for s in order.specimens]
+                entries.append(_upsert(order.service_request, sr))
+                entries.append(_upsert(order.task, order.task.resource))
+                focus.append({"reference": order.service_request.full_url})
+                continue
+            # a change of an order the hub has: its status, the rest as stored
+            found = self._find_order(order.placer, order.filler)
+            if found is None:
+                raise Hl7Problem(
+                    UNKNOWN_KEY,
+                    f"ORC-2/ORC-3: order control {order.control} names an order the hub does "
+                    "not have; send the order first",
+                    "ORC",
+                    n + 1,
+                    2,
+                )
+            stored = self.svc.store.read("ServiceRequest", found)
+            assert stored is not None
+            current = orjson.loads(stored.content or b"{}")
+            current["status"] = sr.get("status", current.get("status"))
+            entries.append(
+                {
+                    "resource": current,
+                    "request": {"method": "PUT", "url": f"ServiceRequest/{found}"},
+                }
+            )
+            focus.append({"reference": f"ServiceRequest/{found}"})
+        entries.append(_message_header(om.header, mo, mid, digest, focus))
+        return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+    def _link_earlier_results(self, om: OrderMessage) -> None:
+        """Results that arrived before their order point at an order the hub made from them:
+        the hub (keeping the links, like the patient index) adds the clinic's order to their
+        ``basedOn``."""
+        with acting_as(HUB):
+            for order in om.orders:
+                if order.control not in NEW_ORDER or not order.placer:
+                    continue
+                found = self._search("ServiceRequest", [("identifier", _token(order.placer))], 10)
+                sent = [r for r in found if not _from_result(r)]
+                made = [r for r in found if _from_result(r)]
+                if not sent or not made:
+                    continue
+                target = {"reference": f"ServiceRequest/{sent[0].id}"}
+                when = now_us()
+                with self.svc.store.transaction() as tx:
+                    for placeholder in made:
+                        reports = self._search(
+                            "DiagnosticReport",
+                            [("based-on", f"ServiceRequest/{placeholder.id}")],
+                            100,
+                        )
+                        for rep in reports:
+                            res = orjson.loads(rep.content or b"{}")
+                            if target not in res.get("basedOn", []):
+                                res["basedOn"] = [*res.get("basedOn", []), target]
+                                self.svc.write_internal(tx, res, "DiagnosticReport", rep.id, when)
 
     def _requesters(self, msg: Message, mo: RegisteredMo) -> list[Json | None]:
         """The ordering provider of each OBR (OBR-16, else ORC-12), resolved in the
@@ -274,9 +386,29 @@ class LabIntake:
         return out
 
     def _resolve_practitioner(self, ref: Json | None) -> Json | None:
+        """The registry's PractitionerRole (or Practitioner) for an identifier reference;
+        cached until the practitioner directory changes."""
         ident = (ref or {}).get("identifier")
         if not ident:
             return ref
+        marker = tuple(
+            self.svc.store.change_marker(t) for t in ("Practitioner", "PractitionerRole")
+        )
+        key = (ident["system"], ident["value"], (ref or {}).get("display"))
+        with self._lock:
+            if self._directory_marker != marker:
+                self._practitioners.clear()
+                self._directory_marker = marker
+            if key in self._practitioners:
+                return self._practitioners[key]
+        found = self._lookup_practitioner(ref or {}, ident)
+        with self._lock:
+            if len(self._practitioners) > 50_000:
+                self._practitioners.clear()
+            self._practitioners[key] = found
+        return found
+
+    def _lookup_practitioner(self, ref: Json, ident: Json) -> Json | None:
         token = f"{escape_value(ident['system'])}|{escape_value(ident['value'])}"
         found = self._search("Practitioner", [("identifier", token)], 2)
         if len(found) != 1:
@@ -304,15 +436,18 @@ class LabIntake:
         n: int,
         entries: list[Json],
     ) -> str:
-        """The order the report answers: found by its numbers, else made from the OBR."""
+        """The order the report answers (a reference): the clinic's order found by its
+        placer number, else by the filler number; else one made from the OBR, tagged as
+        such, which a later order with the same numbers takes over (:meth:`ingest_order`)."""
+        found = self._find_order(rep.placer, rep.filler)
+        if found is not None:
+            return f"ServiceRequest/{found}"
         number = rep.filler or rep.placer or {}
-        url = "urn:uuid:" + str(
-            uuid.uuid5(
-                LAB_NAMESPACE, f"ServiceRequest|{number.get('system')}|{number.get('value')}"
-            )
-        )
+        name = f"ServiceRequest|{number.get('system')}|{number.get('value')}"
+        url = "urn:uuid:" + str(uuid.uuid5(LAB_NAMESPACE, name))
         order: Json = {
             "resourceType": "ServiceRequest",
+            "meta": {"tag": [{"system": ORDER_ORIGIN, "code": "from-result"}]},
             "identifier": [i for i in (rep.placer, rep.filler) if i],
             "status": "completed" if rep.report.resource.get("status") == "final" else "active",
             "intent": "order",
@@ -323,8 +458,7 @@ class LabIntake:
         requester = requesters[n] if n < len(requesters) else None
         if requester:
             order["requester"] = requester
-        # the filler number names the order once the lab has it, else the placer's does
-        key = f"{escape_value(str(number.get('system')))}|{escape_value(str(number.get('value')))}"
+        key = _token(number)
         entries.append(
             {
                 "fullUrl": url,
@@ -337,6 +471,48 @@ class LabIntake:
             }
         )
         return url
+
+    def _find_order(self, placer: Json | None, filler: Json | None) -> str | None:
+        """The id of the order with these numbers, preferring one a clinic sent over one
+        made from an earlier result. Linking results to orders is the hub's work (like the
+        patient index's), so it looks across senders; the reference reveals no content."""
+        for number in (placer, filler):
+            if not number:
+                continue
+            found = self._search("ServiceRequest", [("identifier", _token(number))], 10)
+            if found:
+                sent = [r for r in found if not _from_result(r)]
+                return str((sent or found)[0].id)
+        return None
+
+
+def _message_header(
+    header: MessageHeader, mo: RegisteredMo, mid: str, digest: str, focus: list[Json]
+) -> Json:
+    """The transaction entry recording the message: what arrived, from whom, its digest."""
+    res: Json = {
+        "resourceType": "MessageHeader",
+        "id": mid,
+        "meta": {"tag": [{"system": DIGEST_SYSTEM, "code": digest}]},
+        "eventCoding": {"system": V2_EVENT, "code": header.trigger_event or "R01"},
+        "source": {"endpoint": f"urn:hl7v2:{header.sending_facility}"},
+        "sender": {"reference": mo.reference},
+    }
+    if header.sending_application:
+        res["source"]["name"] = header.sending_application
+    if focus:
+        res["focus"] = focus
+    return {"resource": res, "request": {"method": "PUT", "url": f"MessageHeader/{mid}"}}
+
+
+def _token(ident: Json) -> str:
+    """``system|value`` of an Identifier, escaped for a search."""
+    return f"{escape_value(str(ident.get('system')))}|{escape_value(str(ident.get('value')))}"
+
+
+def _from_result(stored: Any) -> bool:
+    tags = (orjson.loads(stored.content or b"{}").get("meta") or {}).get("tag") or []
+    return any(t.get("system") == ORDER_ORIGIN for t in tags)
 
 
 def _create_once(entry: Entry) -> Json:
@@ -370,17 +546,3 @@ def _codings(concept: Any) -> Iterator[tuple[str, str]]:
     for c in (concept or {}).get("coding") or []:
         if isinstance(c, dict) and c.get("system") and c.get("code"):
             yield str(c["system"]), str(c["code"])
-
-
-def _drop_empty(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_empty(v) for k, v in value.items() if v not in (None, "", [], {})}
-    if isinstance(value, list):
-        return [_drop_empty(v) for v in value]
-    return value
-
-
-def _id_of(entry: Json) -> str:
-    location = str((entry.get("response") or {}).get("location", ""))
-    parts = location.split("/")
-    return parts[1] if len(parts) > 1 else ""

@@ -17,7 +17,7 @@ from hie.hub.rejected import open_rejected_store
 from hie.hub.store.port import Query, ReferenceCond
 from hie.lab_exchange.service import message_id
 from hie.registries.patient_index import attach_mpi
-from tests.fixtures.hl7v2 import oru_message
+from tests.fixtures.hl7v2 import orm_message, oru_message
 from tests.fixtures.labs import GP, GP_PATIENTS, LAB, as_transaction, lab_registry
 
 
@@ -41,7 +41,12 @@ def msa(ack: bytes) -> list[str]:
     """MSA-1 of an ACK, and its ERR segments' codes."""
     segs = ack.decode("utf-8", "replace").split("\r")
     code = next(s.split("|")[1] for s in segs if s.startswith("MSA|"))
-    errs = [s.split("|")[3].split("^")[0] for s in segs if s.startswith("ERR|")]
+    errs = []
+    for seg in (s.split("|") for s in segs if s.startswith("ERR|")):
+        if len(seg) > 3:  # v2.5+: ERR-3 code^text^HL70357
+            errs.append(seg[3].split("^")[0])
+        else:  # v2.3/2.4: ERR-1 seg^seq^field^code&text&HL70357, one repetition each
+            errs += [rep.split("^")[3].split("&")[0] for rep in seg[1].split("~")]
     return [code, *errs]
 
 
@@ -169,3 +174,66 @@ def test_results_are_the_labs_records(listener: Hl7Listener, store: Any) -> None
 
     assert seen(LAB) == 10
     assert seen(GP) == 0
+
+
+def test_a_critical_result_alerts_the_ordering_doctor(listener: Hl7Listener) -> None:
+    """The whole chain from the wire: an ORU with a critical potassium (OBX-8 HH) → the
+    outbox consumer → a Task for the ordering doctor's role at the clinic, and a stat
+    Communication to her and the clinic."""
+    from datetime import datetime
+
+    from hie.lab_exchange.alerts import CriticalResultAlerts
+
+    (ack,) = listener.process(oru_message("biochem", control_id="K-1"))
+    assert msa(ack)[0] == "AA"
+    # the synthetic report was issued on 2025-03-01: the consumer runs "that day"
+    then = datetime.fromisoformat("2025-03-01T12:30:00+03:00").timestamp()
+    alerts = CriticalResultAlerts(
+        listener.svc.store, listener.svc, listener.svc.settings, clock=lambda: then
+    )
+    alerts.handle(listener.svc.store.outbox_read(alerts.name, 1000))
+    (task,) = rows(listener, "Task")
+    assert task["owner"]["reference"] == "PractitionerRole/pr-smirnov-gp"
+    assert task["status"] == "requested" and task["priority"] == "stat"
+    (note,) = rows(listener, "Communication")
+    recipients = {r["reference"] for r in note["recipient"]}
+    assert {"PractitionerRole/pr-smirnov-gp", f"Organization/{GP}"} <= recipients
+    assert "Калий" in note["payload"][0]["contentString"]
+
+
+def test_an_order_then_its_result_are_linked(listener: Hl7Listener) -> None:
+    (ack,) = listener.process(orm_message("cbc", control_id="O-1"))
+    assert msa(ack)[0] == "AA", ack
+    (order,) = rows(listener, "ServiceRequest")
+    assert order["status"] == "active" and not order.get("meta", {}).get("tag")
+    assert order["requester"]["reference"] == "PractitionerRole/pr-smirnov-gp"
+    assert len(rows(listener, "Task")) == 1  # the lab's work item
+    listener.process(oru_message("cbc", control_id="R-1"))
+    (rep,) = rows(listener, "DiagnosticReport")
+    assert rep["basedOn"] == [{"reference": f"ServiceRequest/{order['id']}"}]
+    assert len(rows(listener, "ServiceRequest")) == 1  # no second order made up
+
+
+def test_a_result_before_its_order_is_linked_when_the_order_comes(listener: Hl7Listener) -> None:
+    listener.process(oru_message("cbc", control_id="R-1"))
+    (made,) = rows(listener, "ServiceRequest")
+    assert made["meta"]["tag"][0]["code"] == "from-result"
+    listener.process(orm_message("cbc", control_id="O-1"))
+    sent = [o for o in rows(listener, "ServiceRequest") if not o.get("meta", {}).get("tag")]
+    assert len(sent) == 1
+    (rep,) = rows(listener, "DiagnosticReport")
+    assert {"reference": f"ServiceRequest/{sent[0]['id']}"} in rep["basedOn"]
+
+
+def test_a_cancel_changes_the_order_and_an_unknown_one_is_refused(listener: Hl7Listener) -> None:
+    listener.process(orm_message("cbc", control_id="O-1"))
+    (ack,) = listener.process(orm_message("cbc", control_id="O-2", control="CA"))
+    assert msa(ack)[0] == "AA", ack
+    (order,) = rows(listener, "ServiceRequest")
+    assert order["status"] == "revoked" and order["meta"]["versionId"] == "2"
+    (ack,) = listener.process(
+        orm_message("cbc", control_id="O-3", control="CA", placer="GP-NO-SUCH")
+    )
+    assert msa(ack)[:2] == ["AE", "204"]
+    (kept,) = listener.rejected.list()
+    assert kept.code == "204"

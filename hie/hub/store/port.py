@@ -460,6 +460,17 @@ class WriteTx(Protocol):
     def search_ids(self, query: Query) -> list[tuple[str, str]]:
         """(type, id) pairs matching ``query``, seen inside the transaction (conditional ops)."""
 
+    def ids_by_token(
+        self,
+        resource_type: str,
+        param: str,
+        tokens: Sequence[tuple[str, str]],
+        conds: Sequence[Condition] = (),
+    ) -> dict[tuple[str, str], list[str]]:
+        """For each ``(system, code)`` of ``tokens``: the ids of current ``resource_type``
+        resources whose token parameter ``param`` has it and that match ``conds`` — many
+        conditional updates' lookups in one query."""
+
     @property
     def identity(self) -> IdentityIndex:
         """The identity groups and record-linkage index, inside this transaction."""

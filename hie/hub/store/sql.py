@@ -698,6 +698,38 @@ class SqlWriteTx:
         stmt = stmt.limit(query.count)
         return [(r.rtype, r.id) for r in self.conn.execute(stmt)]
 
+    def ids_by_token(
+        self,
+        resource_type: str,
+        param: str,
+        tokens: Sequence[tuple[str, str]],
+        conds: Sequence[Condition] = (),
+    ) -> dict[tuple[str, str], list[str]]:
+        """Many token lookups in one query (see the port)."""
+        out: dict[tuple[str, str], list[str]] = {t: [] for t in tokens}
+        if not tokens:
+            return out
+        t = s.idx_token
+        compiler = _Compiler(self.store.dialect, resource_type)
+        wanted = [(_clip(sys) or "", _clip(code) or "") for sys, code in tokens]
+        back = dict(zip(wanted, tokens, strict=True))
+        stmt = (
+            select(t.c.system, t.c.code, R.c.id)
+            .select_from(t.join(R, R.c.rid == t.c.rid))
+            .where(
+                t.c.pid == param_id(resource_type, param),
+                t.c.code.in_(sorted({c for _, c in wanted})),
+                R.c.rtype == resource_type,
+                R.c.deleted == false(),
+                *(compiler.cond(c, R, resource_type) for c in conds),
+            )
+        )
+        for row in self.conn.execute(stmt):
+            key = back.get((row.system or "", row.code))
+            if key is not None and row.id not in out[key]:
+                out[key].append(row.id)
+        return out
+
 
 # Statements of the per-write hot path, built once: building and hashing a statement per
 # call costs more than SQLite's execution of it.

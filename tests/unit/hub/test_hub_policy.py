@@ -43,6 +43,10 @@ EXPECTED = {
     ("mis", "CodeSystem"): "rs",
     ("mis", "AuditEvent"): "",
     ("clinician", "Observation"): "rs",
+    ("clinician", "Task"): "rus",  # acknowledging an alert
+    ("radiologist", "Task"): "rus",
+    ("admin", "ObservationDefinition"): "cruds",  # critical limits are reference data
+    ("clinician", "ObservationDefinition"): "rs",
     ("clinician", "DocumentReference"): "rs",
     ("clinician", "Consent"): "rs",
     ("clinician", "AuditEvent"): "",
