@@ -47,7 +47,14 @@ from hie.hub.policy import (
     category,
     sensitive_labels,
 )
-from hie.hub.store.port import IdCond, Query, ResourceStore, StoredResource, WriteTx
+from hie.hub.store.port import (
+    IdCond,
+    Query,
+    ResourceStore,
+    StoredResource,
+    WriteTx,
+    iter_search,
+)
 from hie.hub.store.sql import now_us
 
 Json = dict[str, Any]
@@ -207,7 +214,7 @@ class Access:
                 return self._consents
         found: list[_Consent] = []
         q = parse_search("Consent", [("status", "active")], default_count=1000, max_count=1000)
-        for stored in self._pages(q.query):
+        for stored in iter_search(self.store, q.query):
             c = _consent(_load(stored))
             if c is not None:
                 found.append(c)
@@ -215,14 +222,6 @@ class Access:
             self._consents = (generation, found)
             self._denials.clear()
         return generation, found
-
-    def _pages(self, query: Query) -> Iterator[StoredResource]:
-        while True:
-            page = self.store.search(query)
-            yield from page.items
-            if page.next_after is None:
-                return
-            query.after = page.next_after
 
     def denials(self, org: str | None) -> Denials:
         """What active Consents close to MO ``org`` (see the module docstring)."""
@@ -291,7 +290,7 @@ class Access:
         )
         _, consents = self._all_consents()
         today = date.today()
-        for stored in self._pages(q.query):
+        for stored in iter_search(self.store, q.query):
             rp = _load(stored)
             whom = _ref(rp.get("patient"), "Patient")
             if not whom or rp.get("active") is False:

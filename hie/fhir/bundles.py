@@ -285,8 +285,20 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
     for op in ops:
         if op.method in ("GET", "HEAD"):
             out_entries.append(_get_entry(svc, op, base))
-        else:
-            out_entries.append({"response": op.result})
+            continue
+        warnings = (
+            svc.code_warnings(op.resource)
+            if not validated
+            and op.method in ("POST", "PUT", "PUT-CREATE")
+            and isinstance(op.resource, dict)
+            else []
+        )
+        if warnings:  # unknown codes: stored, and the sender is told per entry
+            op.result = {
+                **(op.result or {}),
+                "outcome": {"resourceType": "OperationOutcome", "issue": warnings},
+            }
+        out_entries.append({"response": op.result})
     return {
         "resourceType": "Bundle",
         "id": new_id(),

@@ -15,7 +15,8 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode
 
 import jsonpatch
@@ -67,10 +68,15 @@ from hie.hub.store.port import (
 from hie.hub.store.sql import now_us
 from hie.registries.mpi.features import validate_demographics
 
+if TYPE_CHECKING:
+    from hie.registries.terminology import Terminology
+
 Json = dict[str, Any]
 NOTIFICATION_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/notification"
 _ID_RX = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # FHIR R4 §2.24.0.1 "id"
 _COMPARTMENT_TYPES = {t for t, _ in PATIENT_COMPARTMENT} | {"Patient"}
+# Lab reports and results: their codes are checked against the reference data on write.
+CODE_CHECKED = frozenset({"DiagnosticReport", "Observation"})
 
 
 @dataclass
@@ -192,6 +198,46 @@ class FhirService:
         # trusted. In-process callers (CLI, demo, adapters' own principal) leave it off.
         self.require_principal = require_principal
         self.trail = trail  # the audit trail, for events the hub records itself (merges)
+
+    # --- reference data ----------------------------------------------------------------------
+
+    @cached_property
+    def terminology(self) -> Terminology:
+        """The reference data, for checking incoming codes (cached; re-read on change)."""
+        from hie.registries.terminology import Terminology  # it builds on this module
+
+        return Terminology(self.store, recheck_seconds=5.0)
+
+    def unknown_codes(self, res: Json) -> list[tuple[str, str]]:
+        """The ``code`` codings of a lab report or result that the reference data does not
+        know (LOINC, the MO's local lab list), each counted in ``hie_unknown_codes_total``:
+        such a record is stored all the same, and the sender told, as (system, message)."""
+        from hie.registries.terminology import flag_unknown
+
+        if res.get("resourceType") not in CODE_CHECKED:
+            return []
+        out: list[tuple[str, str]] = []
+        for coding in (res.get("code") or {}).get("coding") or []:
+            if not isinstance(coding, dict) or not coding.get("system") or not coding.get("code"):
+                continue
+            check = self.terminology.check_code(str(coding["system"]), str(coding["code"]))
+            if not check.known:
+                flag_unknown(str(coding["system"]))
+                where = f"{coding['system']}|{coding['code']}"
+                out.append((str(coding["system"]), f"{where}: {check.message}"))
+        return out
+
+    def code_warnings(self, res: Json) -> list[Json]:
+        """:meth:`unknown_codes` as OperationOutcome warnings."""
+        return [
+            {
+                "severity": "warning",
+                "code": "code-invalid",
+                "diagnostics": f"{message}; stored and flagged",
+                "expression": [f"{res.get('resourceType')}.code"],
+            }
+            for _, message in self.unknown_codes(res)
+        ]
 
     # --- access control (hie.hub.policy decides; this applies it to the queries) -------------
 
@@ -475,6 +521,14 @@ class FhirService:
         """Current version; NotFound if never existed, Gone if deleted."""
         check_type(resource_type)
         grant = self.grant(resource_type, "r")
+        if grant.restricted:
+            # one query reads the resource and checks the grant; only when it finds nothing
+            # is the plain read needed, to tell unknown, deleted and forbidden apart
+            q = Query(resource_type, [IdCond((id,)), *grant.conds], count=1)
+            found = self.store.search(q).items
+            if found:
+                self._note(found, "read")
+                return found[0]
         cur = self.store.read(resource_type, id)
         if cur is None:
             raise NotFound(f"{resource_type}/{id} is not known")

@@ -260,36 +260,10 @@ class RejectedStore:
         log.info("rejected.kept", id=ident, channel=channel, kind=kind, code=code, size=row["size"])
         return ident
 
-    async def keep_async(
-        self,
-        *,
-        channel: str,
-        kind: str,
-        raw: bytes,
-        sender: str = "",
-        peer: str = "",
-        code: str = "",
-        reason: str = "",
-        control_id: str = "",
-        size: int | None = None,
-        received: datetime | None = None,
-    ) -> int:
-        """:meth:`keep` for a coroutine: runs in a thread, since it waits for a disk flush."""
-        return await asyncio.to_thread(
-            functools.partial(
-                self.keep,
-                channel=channel,
-                kind=kind,
-                raw=raw,
-                sender=sender,
-                peer=peer,
-                code=code,
-                reason=reason,
-                control_id=control_id,
-                size=size,
-                received=received,
-            )
-        )
+    async def keep_async(self, **fields: Any) -> int:
+        """:meth:`keep` (same keywords) for a coroutine: it runs in a thread, since it waits
+        for a disk flush."""
+        return await asyncio.to_thread(functools.partial(self.keep, **fields))
 
     def get(self, ident: int) -> RejectedMessage | None:
         """One kept message with its raw bytes, or None."""

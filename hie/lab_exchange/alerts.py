@@ -77,7 +77,7 @@ from hie.fhir.search import escape_value, parse_search
 from hie.fhir.service import FhirService
 from hie.hub.logging import get_logger
 from hie.hub.settings import Settings
-from hie.hub.store.port import OutboxEvent, ResourceStore, StoredResource, WriteTx
+from hie.hub.store.port import OutboxEvent, ResourceStore, StoredResource, WriteTx, iter_search
 from hie.hub.store.sql import now_us
 
 log = get_logger("hie.lab.alerts")
@@ -1539,12 +1539,7 @@ class AlertEscalator:
             ("status", ",".join((*WAITING, *ESCALATE_NOW))),
         ]
         q = parse_search("Task", items, default_count=500, max_count=500).query
-        while True:
-            page = self.store.search(q)
-            yield from page.items
-            if page.next_after is None:
-                return
-            q.after = page.next_after
+        yield from iter_search(self.store, q)
 
     def run_once(self, now: float | None = None) -> int:
         """Escalate every overdue or rejected alert; returns how many were escalated."""

@@ -47,6 +47,7 @@ from hie.lab_exchange.oru import (
     internal_error,
     key_of,
     map_patient,
+    no_authority,
     order_number,
     practitioner_reference,
     specimens_of,
@@ -371,16 +372,12 @@ def _order(
     return LabOrder(Entry(sr_url, sr, key), task_entry, specimens, control, placer, filler)
 
 
-def _no_authority(_namespace: str) -> str | None:
-    return None
-
-
 def map_order(
     msg: Message,
     *,
     local_code_system: str,
     default_system: str | None,
-    system_for_authority: Callable[[str], str | None] = _no_authority,
+    system_for_authority: Callable[[str], str | None] = no_authority,
     performer: str | None = None,
     today: date | None = None,
 ) -> OrderMessage:

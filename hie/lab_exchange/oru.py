@@ -1369,7 +1369,8 @@ def _report(
     return LabReport(entry, observations, specimens, critical, placer, filler)
 
 
-def _no_authority(_namespace: str) -> str | None:
+def no_authority(_namespace: str) -> str | None:
+    """The default ``system_for_authority``: no CX.4 namespace names a registered MO."""
     return None
 
 
@@ -1378,7 +1379,7 @@ def map_oru(
     *,
     local_code_system: str,
     default_system: str | None,
-    system_for_authority: Callable[[str], str | None] = _no_authority,
+    system_for_authority: Callable[[str], str | None] = no_authority,
     organization: str | None = None,
     today: date | None = None,
 ) -> OruMessage:

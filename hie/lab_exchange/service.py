@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,7 +59,6 @@ from hie.lab_exchange.oru import (
     practitioner_reference,
 )
 from hie.registries.senders import RegisteredMo, SenderRegistry
-from hie.registries.terminology import Terminology, flag_unknown
 
 log = get_logger("hie.lab")
 
@@ -114,11 +113,9 @@ class LabIntake:
         self,
         svc: FhirService,
         senders: SenderRegistry | None = None,
-        terminology: Terminology | None = None,
     ) -> None:
         self.svc = svc
         self.senders = senders or SenderRegistry(svc.store)
-        self.terminology = terminology or Terminology(svc.store, recheck_seconds=5.0)
         self._lock = threading.Lock()
         self._practitioners: dict[tuple[Any, ...], Json | None] = {}
         self._directory_marker: tuple[object, ...] = ()
@@ -226,27 +223,24 @@ class LabIntake:
         return other.patient_id_system if other is not None else None
 
     def _check_codes(self, oru: OruMessage) -> list[Hl7Problem]:
-        """Warnings for report and result codes the reference data does not know."""
+        """Warnings (103, ERR severity W) for report and result codes the reference data
+        does not know; the records are stored all the same."""
         out: list[Hl7Problem] = []
-        seen: set[tuple[str, str]] = set()
+        seen: set[str] = set()
         for group in oru.patients:
             for rep in group.reports:
                 for entry, segment, field_no in (
                     (rep.report, "OBR", 4),
                     *((o, "OBX", 3) for o in rep.observations),
                 ):
-                    for system, code in _codings(entry.resource.get("code")):
-                        if (system, code) in seen:
+                    for _system, message in self.svc.unknown_codes(entry.resource):
+                        if message in seen:
                             continue
-                        seen.add((system, code))
-                        check = self.terminology.check_code(system, code)
-                        if check.known:
-                            continue
-                        flag_unknown(system)
+                        seen.add(message)
                         out.append(
                             Hl7Problem(
                                 TABLE_VALUE_NOT_FOUND,
-                                f"{segment}-{field_no}: {check.message}; stored and flagged",
+                                f"{segment}-{field_no}: {message}; stored and flagged",
                                 segment,
                                 1,
                                 field_no,
@@ -540,9 +534,3 @@ def _upsert(entry: Entry, res: Json) -> Json:
         "resource": res,
         "request": {"method": "PUT", "url": f"{entry.resource_type}?identifier={key}"},
     }
-
-
-def _codings(concept: Any) -> Iterator[tuple[str, str]]:
-    for c in (concept or {}).get("coding") or []:
-        if isinstance(c, dict) and c.get("system") and c.get("code"):
-            yield str(c["system"]), str(c["code"])

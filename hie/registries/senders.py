@@ -27,7 +27,7 @@ import orjson
 
 from hie.fhir.search import escape_value, parse_search
 from hie.hub.logging import get_logger
-from hie.hub.store.port import ResourceStore, StoredResource
+from hie.hub.store.port import ResourceStore, StoredResource, iter_search
 from hie.registries.facility import (
     CERTIFICATE_SYSTEM,
     CONNECTION_TYPE_SYSTEMS,
@@ -194,12 +194,7 @@ class SenderRegistry:
 
     def _search(self, resource_type: str, items: list[tuple[str, str]]) -> Iterator[StoredResource]:
         q = parse_search(resource_type, items, default_count=_PAGE, max_count=_PAGE).query
-        while True:
-            page = self.store.search(q)
-            yield from page.items
-            if page.next_after is None:
-                return
-            q.after = page.next_after
+        return iter_search(self.store, q)
 
     def _active_endpoints(self, connection_type: str, identifier: str | None = None) -> list[Any]:
         items = [

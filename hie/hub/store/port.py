@@ -544,3 +544,13 @@ class ResourceStore(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+def iter_search(store: ResourceStore, query: Query) -> Iterator[StoredResource]:
+    """Every resource ``query`` matches, page after page (``query.after`` advances)."""
+    while True:
+        page = store.search(query)
+        yield from page.items
+        if page.next_after is None:
+            return
+        query.after = page.next_after
