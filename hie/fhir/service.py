@@ -524,11 +524,10 @@ class FhirService:
         if grant.restricted:
             # one query reads the resource and checks the grant; only when it finds nothing
             # is the plain read needed, to tell unknown, deleted and forbidden apart
-            q = Query(resource_type, [IdCond((id,)), *grant.conds], count=1)
-            found = self.store.search(q).items
-            if found:
-                self._note(found, "read")
-                return found[0]
+            hit = self.store.read_where(resource_type, id, grant.conds)
+            if hit is not None:
+                self._note([hit], "read")
+                return hit
         cur = self.store.read(resource_type, id)
         if cur is None:
             raise NotFound(f"{resource_type}/{id} is not known")

@@ -118,8 +118,20 @@ def test_a_control_id_reused_for_other_content_is_refused_and_kept(listener: Hl7
         (oru_message("cbc", pid=None), ["AE", "100"], False),  # no PID
         (b"MSH|^~\\&|LIS|LAB7001|HIE|SPB|20250301||ZZZ^Z01|Z1|P|2.5.1\r", ["AR", "200"], False),
         (b"\x00\x01binary garbage\xff", ["AR", "100"], False),
+        (oru_message("cbc").split(b"\r", 1)[1], ["AR", "100"], False),  # no MSH
+        (oru_message("cbc").replace(b"MSH|", b"MSH*", 1), ["AR", "102"], False),  # field sep
+        (oru_message("cbc", pid={1: "1", 5: ("Иванова", "Анна")}), ["AE", "101"], False),
     ],
-    ids=["unknown-sender", "nm-not-a-number", "no-pid", "unknown-type", "garbage"],
+    ids=[
+        "unknown-sender",
+        "nm-not-a-number",
+        "no-pid",
+        "unknown-type",
+        "garbage",
+        "missing-msh",
+        "wrong-field-separator",
+        "pid-without-identity",
+    ],
 )
 def test_bad_messages_get_their_ack_and_are_kept(
     listener: Hl7Listener, raw: bytes, expected: list[str], stored: bool

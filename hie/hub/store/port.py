@@ -490,6 +490,12 @@ class ResourceStore(Protocol):
     def read(self, resource_type: str, id: str) -> StoredResource | None:
         """Current version, or None if never existed (a tombstone has ``deleted=True``)."""
 
+    def read_where(
+        self, resource_type: str, id: str, conds: tuple[Condition, ...]
+    ) -> StoredResource | None:
+        """The current version if it exists, is not deleted and matches ``conds`` (an access
+        grant), else None — one query, prepared once per ``conds`` and reused."""
+
     def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
         """A specific version (tombstones included) or None."""
 

@@ -261,6 +261,27 @@ class SqlResourceStore:
             row = conn.execute(stmt).first()
         return self._row(row) if row else None
 
+    def read_where(
+        self, resource_type: str, id: str, conds: tuple[Condition, ...]
+    ) -> StoredResource | None:
+        """Current, live version matching ``conds`` (see the port). The statement is built
+        once per (type, conditions) and reused with the id bound: building it, and SQLAlchemy
+        walking it for its cache key, cost more than running it."""
+        stmt = self._read_where_stmt(resource_type, conds)
+        with self._read() as conn:
+            row = conn.execute(stmt, {"read_id": id}).first()
+        return self._row(row) if row else None
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one store per process, conditions bounded
+    def _read_where_stmt(self, resource_type: str, conds: tuple[Condition, ...]) -> Select[Any]:
+        compiler = _Compiler(self.dialect, resource_type)
+        return self._current_select().where(
+            R.c.rtype == resource_type,
+            R.c.id == bindparam("read_id"),
+            R.c.deleted == false(),
+            *(compiler.cond(c, R, resource_type) for c in conds),
+        )
+
     def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
         """One version or None."""
         stmt = (
