@@ -38,11 +38,14 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    text,
     true,
     tuple_,
     union_all,
     update,
 )
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql.expression import FromClause
 
@@ -1112,12 +1115,23 @@ class _Compiler:
         return func.coalesce(sub, literal(sentinel)), key.descending
 
 
+_DIALECTS = {"sqlite": sqlite_dialect.dialect(), "postgresql": pg_dialect.dialect()}  # type: ignore[no-untyped-call]
+
+
 @functools.lru_cache(maxsize=4096)
 def _related_clause(dialect: str, c: RelatedCond, rt: str | None) -> ColumnElement[bool]:
     """A :class:`RelatedCond` on the ``resources`` table: a few dozen nested subqueries whose
     construction costs milliseconds in SQLAlchemy (their execution a fraction of one), while
     the same MO's condition recurs in every query it makes. Clauses are immutable."""
-    return _Compiler(dialect, rt)._related(c, R, rt)
+    clause = _Compiler(dialect, rt)._related(c, R, rt)
+    # Rendered once to SQL (its values are constants: parameter ids, codes, the MO) and used
+    # as text: SQLAlchemy would otherwise walk its dozens of subqueries for the statement's
+    # cache key on every query, which costs more than running them. It is rendered inside a
+    # SELECT from ``resources`` so that its subqueries stay correlated to the outer row.
+    inner = select(literal(1)).select_from(R).where(clause)
+    sql = str(inner.compile(dialect=_DIALECTS[dialect], compile_kwargs={"literal_binds": True}))
+    where = sql.split("\nWHERE ", 1)[1]
+    return text(f"({where})")  # type: ignore[return-value]
 
 
 def _like_escape(v: str) -> str:
