@@ -1,7 +1,9 @@
-"""Lab results into the integrated record: the operations the MLLP listener calls.
+"""Lab results and orders into the integrated record: the operations the MLLP listener calls.
 
-:meth:`LabIntake.ingest_result` takes one ORU^R01, already parsed and from a registered MO, and
-returns what its acknowledgement must say (:class:`LabResult`). What it does, in order:
+:meth:`LabIntake.ingest_order` stores an ORM^O01 / OML^O21 from a clinic (a new order, or a
+change of its status). :meth:`LabIntake.ingest_result` takes one ORU^R01, already parsed and
+from a registered MO, and returns what its acknowledgement must say (:class:`LabResult`).
+What it does, in order:
 
 1. maps the message (:func:`hie.lab_exchange.oru.map_oru`): invalid content is ``AE`` with the
    problems located for ERR segments, and nothing is written;
@@ -470,14 +472,12 @@ class LabIntake:
         """The id of the order with these numbers, preferring one a clinic sent over one
         made from an earlier result. Linking results to orders is the hub's work (like the
         patient index's), so it looks across senders; the reference reveals no content."""
-        for number in (placer, filler):
-            if not number:
-                continue
-            found = self._search("ServiceRequest", [("identifier", _token(number))], 10)
-            if found:
-                sent = [r for r in found if not _from_result(r)]
-                return str((sent or found)[0].id)
-        return None
+        numbers = ",".join(_token(n) for n in (placer, filler) if n)  # either (one query)
+        if not numbers:
+            return None
+        found = self._search("ServiceRequest", [("identifier", numbers)], 10)
+        sent = [r for r in found if not _from_result(r)]
+        return str((sent or found)[0].id) if found else None
 
 
 def _message_header(
@@ -512,13 +512,11 @@ def _from_result(stored: Any) -> bool:
 def _create_once(entry: Entry) -> Json:
     """An entry that creates the resource unless one with its identifier exists."""
     out: Json = {"fullUrl": entry.full_url, "resource": entry.resource}
-    ident = entry.identifier
-    if ident:
-        key = f"{escape_value(ident['system'])}|{escape_value(ident['value'])}"
+    if entry.identifier:
         out["request"] = {
             "method": "POST",
             "url": entry.resource_type,
-            "ifNoneExist": f"identifier={key}",
+            "ifNoneExist": f"identifier={_token(entry.identifier)}",
         }
     else:
         out["request"] = {"method": "POST", "url": entry.resource_type}
@@ -527,8 +525,7 @@ def _create_once(entry: Entry) -> Json:
 
 def _upsert(entry: Entry, res: Json) -> Json:
     """An entry that updates the resource with the entry's identifier (or creates it)."""
-    ident = entry.identifier or {}
-    key = f"{escape_value(ident.get('system', ''))}|{escape_value(ident.get('value', ''))}"
+    key = _token(entry.identifier or {"system": "", "value": ""})
     return {
         "fullUrl": entry.full_url,
         "resource": res,

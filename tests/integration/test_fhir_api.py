@@ -567,3 +567,35 @@ def test_unusable_demographics_are_refused_with_a_specific_error(
     assert_outcome(client.post("/fhir", json=bundle, headers=FJ), 400)
     assert client.get("/fhir/Observation?_summary=count").json()["total"] == 0
     assert client.get("/fhir/Patient?_summary=count").json()["total"] == 0
+
+
+def test_conditional_updates_by_identifier_in_one_transaction(client) -> None:  # type: ignore[no-untyped-def]
+    """Conditional updates by one identifier each are looked up together, per type; for
+    Patient the lookup also leaves golden records out (a probe of the same index table)."""
+    people = [patient(snils=s, family=f) for s, f in (("112-233-445 95", "Иванова"),)]
+    people.append(patient(snils="223-344-556 39", family="Петрова", given="Мария"))
+
+    def bundle(gender: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "resource": {**p, "gender": gender},
+                    "request": {
+                        "method": "PUT",
+                        "url": f"Patient?identifier=urn:oid:1.2.643.100.3|{p['identifier'][0]['value']}",
+                    },
+                }
+                for p in people
+            ],
+        }
+
+    first = client.post("/fhir", json=bundle("female"), headers=FJ)
+    assert first.status_code == 200, first.text
+    assert [e["response"]["status"][:3] for e in first.json()["entry"]] == ["201", "201"]
+    again = client.post("/fhir", json=bundle("other"), headers=FJ)
+    assert again.status_code == 200, again.text
+    assert [e["response"]["status"][:3] for e in again.json()["entry"]] == ["200", "200"]
+    ids = {e["response"]["location"].split("/")[1] for e in again.json()["entry"]}
+    assert ids == {e["response"]["location"].split("/")[1] for e in first.json()["entry"]}

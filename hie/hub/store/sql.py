@@ -733,7 +733,8 @@ class SqlWriteTx:
         out: dict[tuple[str, str], list[str]] = {t: [] for t in tokens}
         if not tokens:
             return out
-        t = s.idx_token
+        # aliased: a condition's own probe of idx_token (a negated tag) must not correlate to it
+        t = s.idx_token.alias("tk")
         compiler = _Compiler(self.store.dialect, resource_type)
         wanted = [(_clip(sys) or "", _clip(code) or "") for sys, code in tokens]
         back = dict(zip(wanted, tokens, strict=True))

@@ -1,0 +1,455 @@
+"""Document bodies: sniffing, declared-type checks and text extraction (synthetic documents)."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from pypdf import PdfWriter
+from pypdf.generic import (
+    ArrayObject,
+    DecodedStreamObject,
+    DictionaryObject,
+    NameObject,
+    NumberObject,
+)
+
+from hie.fhir.document_content import (
+    CDA_MEDIA_TYPE,
+    MAX_TEXT_CHARS,
+    UnsafeXml,
+    check_declared,
+    dicom_sop_class_uid,
+    extract_text,
+    parse_media_type,
+    parse_xml,
+    sniff,
+)
+
+# --- generated test documents --------------------------------------------------------------
+
+
+def _name(value: str) -> NameObject:
+    return NameObject(value)
+
+
+def make_pdf(
+    *pages: str,
+    title: str | None = None,
+    user_password: str | None = None,
+    owner_password: str | None = None,
+) -> bytes:
+    """A PDF with one line of text per page, in Helvetica re-encoded so Cyrillic round-trips.
+
+    Bytes 0xC0-0xFF are mapped to А..я through /Differences with /uniXXXX glyph names, so the
+    text is written in Windows-1251 and read back as Unicode, with no embedded font.
+    """
+    differences = ArrayObject(
+        [NumberObject(0xC0), *(_name(f"/uni{0x410 + i:04X}") for i in range(64))]
+    )
+    encoding = DictionaryObject(
+        {
+            _name("/Type"): _name("/Encoding"),
+            _name("/BaseEncoding"): _name("/WinAnsiEncoding"),
+            _name("/Differences"): differences,
+        }
+    )
+    font = DictionaryObject(
+        {
+            _name("/Type"): _name("/Font"),
+            _name("/Subtype"): _name("/Type1"),
+            _name("/BaseFont"): _name("/Helvetica"),
+            _name("/Encoding"): encoding,
+        }
+    )
+    writer = PdfWriter()
+    for line in pages:
+        page = writer.add_blank_page(width=595, height=842)
+        page[_name("/Resources")] = DictionaryObject(
+            {_name("/Font"): DictionaryObject({_name("/F1"): font})}
+        )
+        content = DecodedStreamObject()
+        escaped = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+        content.set_data(b"BT /F1 12 Tf 72 760 Td (" + escaped.encode("cp1251") + b") Tj ET")
+        page.replace_contents(content)
+    if title:
+        writer.add_metadata({"/Title": title})
+    if user_password is not None:
+        writer.encrypt(
+            user_password=user_password, owner_password=owner_password, algorithm="AES-128"
+        )
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def make_cda(*sections: tuple[str, str], encoding: str = "UTF-8", prefix: str = "") -> bytes:
+    """A CDA R2 ClinicalDocument whose sections carry (title, narrative XML)."""
+    p = f"{prefix}:" if prefix else ""
+    xmlns = f"xmlns:{prefix}" if prefix else "xmlns"
+    body = "".join(
+        f"<{p}component><{p}section><{p}title>{title}</{p}title>"
+        f"<{p}text>{narrative}</{p}text></{p}section></{p}component>"
+        for title, narrative in sections
+    )
+    doc = (
+        f'<?xml version="1.0" encoding="{encoding}"?>\n'
+        f'<{p}ClinicalDocument {xmlns}="urn:hl7-org:v3">'
+        f'<{p}typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>'
+        f"<{p}title>Выписной эпикриз</{p}title>"
+        f"<{p}component><{p}structuredBody>{body}</{p}structuredBody></{p}component>"
+        f"</{p}ClinicalDocument>"
+    )
+    return doc.encode(encoding)
+
+
+CDA_SECTIONS = (
+    ("Диагноз", "<paragraph>Пневмония внебольничная, J18.9</paragraph>"),
+    (
+        "Лабораторные исследования",
+        "<table><tr><th>Тест</th><th>Результат</th></tr>"
+        "<tr><td>Гемоглобин</td><td>128 г/л</td></tr></table>"
+        "<list><item>СОЭ 12 мм/ч</item><item>Lymphocytes 30%</item></list>",
+    ),
+)
+
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+def make_dicom_meta(sop_class_uid: str = KOS_SOP_CLASS) -> bytes:
+    """A DICOM Part 10 preamble, DICM and a File Meta group (explicit VR little endian)."""
+
+    def element(elem: int, vr: bytes, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00"
+        head = b"\x02\x00" + elem.to_bytes(2, "little") + vr
+        if vr in (b"OB", b"UN"):
+            return head + b"\x00\x00" + len(value).to_bytes(4, "little") + value
+        return head + len(value).to_bytes(2, "little") + value
+
+    group = (
+        element(0x0001, b"OB", b"\x00\x01")
+        + element(0x0002, b"UI", sop_class_uid.encode())
+        + element(0x0003, b"UI", b"1.2.643.5.1.13.13.99.1")
+        + element(0x0010, b"UI", b"1.2.840.10008.1.2.1")
+    )
+    length = element(0x0000, b"UL", len(group).to_bytes(4, "little"))
+    # The data set after the meta group: (0008,0016) in explicit VR little endian.
+    return b"\x00" * 128 + b"DICM" + length + group + b"\x08\x00\x16\x00UI\x02\x001\x00"
+
+
+DICOM_BYTES = make_dicom_meta()
+
+HTML_PAGE = (
+    "<!DOCTYPE html><html><head><title>Заключение</title>"
+    "<style>body { color: red }</style><script>var secret = 'x';</script></head>"
+    "<body><h1>Рентгенография</h1><p>Очаговых теней нет &amp; норма.</p>"
+    "<script>alert('hidden')</script></body></html>"
+)
+
+BILLION_LAUGHS = (
+    b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n<!ENTITY lol "lol">\n'
+    + b"".join(
+        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">\n'.encode()
+        for i in range(1, 10)
+    )
+    + b']>\n<ClinicalDocument xmlns="urn:hl7-org:v3">&lol9;</ClinicalDocument>'
+)
+
+XXE = (
+    b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&x;</title></ClinicalDocument>'
+)
+
+
+# --- sniff ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (make_pdf("Hello"), "application/pdf"),
+        (DICOM_BYTES, "application/dicom"),
+        (make_cda(*CDA_SECTIONS), CDA_MEDIA_TYPE),
+        (make_cda(*CDA_SECTIONS, prefix="hl7"), CDA_MEDIA_TYPE),
+        (make_cda(*CDA_SECTIONS, encoding="windows-1251"), CDA_MEDIA_TYPE),
+        (make_cda(*CDA_SECTIONS, encoding="UTF-16"), CDA_MEDIA_TYPE),
+        (b'<?xml version="1.0"?><ClinicalDocument><title/></ClinicalDocument>', "application/xml"),
+        (b"<Bundle xmlns='http://hl7.org/fhir'/>", "application/xml"),
+        (BILLION_LAUGHS, "application/xml"),
+        (HTML_PAGE.encode(), "text/html"),
+        (b"  <HTML><body>x</body></HTML>", "text/html"),
+        (b'<html xmlns="http://www.w3.org/1999/xhtml"><body/></html>', "text/html"),
+        ("Жалобы на кашель".encode(), "text/plain"),
+        ("Жалобы на кашель".encode("cp1251"), "text/plain"),
+        ("\ufeffЖалобы".encode(), "text/plain"),
+        (b"", "text/plain"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", None),
+        (bytes(range(256)), None),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_sniff(data: bytes, expected: str | None) -> None:
+    assert sniff(data) == expected
+
+
+def test_sniff_looks_only_at_the_head_of_large_text() -> None:
+    # A multi-byte character cut at the 64 KiB boundary must not turn text into "binary".
+    data = ("я" * 70_000).encode()
+    assert sniff(data) == "text/plain"
+
+
+# --- check_declared ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "data"),
+    [
+        ("application/pdf", make_pdf("Hello")),
+        ("Application/PDF", make_pdf("Hello")),
+        ("application/dicom", DICOM_BYTES),
+        (CDA_MEDIA_TYPE, make_cda(*CDA_SECTIONS)),
+        ("text/xml", make_cda(*CDA_SECTIONS)),
+        ("application/xml; charset=utf-8", make_cda(*CDA_SECTIONS)),
+        ("text/xml", b"<Bundle xmlns='http://hl7.org/fhir'/>"),
+        ("text/plain", "Жалобы на кашель".encode()),
+        ("text/plain; charset=windows-1251", "Жалобы на кашель".encode("cp1251")),
+        ("text/plain", "Жалобы на кашель".encode("cp1251")),
+        ("text/plain", make_cda(*CDA_SECTIONS)),
+        ("text/html; charset=UTF-8", HTML_PAGE.encode()),
+        ("application/octet-stream", bytes(range(256))),
+        ("image/jpeg", b"\xff\xd8\xff\xe0"),
+    ],
+)
+def test_check_declared_accepts(declared: str, data: bytes) -> None:
+    assert check_declared(declared, data) is None
+
+
+@pytest.mark.parametrize(
+    ("declared", "data", "cda", "fragment"),
+    [
+        ("application/pdf", "Жалобы".encode(), False, "does not start with %PDF-"),
+        ("application/pdf", HTML_PAGE.encode(), False, "does not start with %PDF-"),
+        ("application/dicom", make_pdf("x"), False, "no DICM marker"),
+        (CDA_MEDIA_TYPE, b"<Bundle xmlns='http://hl7.org/fhir'/>", False, "not ClinicalDocument"),
+        (CDA_MEDIA_TYPE, b"<ClinicalDocument/>", False, "not ClinicalDocument"),
+        ("text/xml", b"<Bundle xmlns='http://hl7.org/fhir'/>", True, "not ClinicalDocument"),
+        (CDA_MEDIA_TYPE, make_pdf("x"), False, "not well-formed XML"),
+        ("text/xml", b"<a><b></a>", False, "not well-formed XML"),
+        ("text/xml", BILLION_LAUGHS, False, "refused"),
+        (CDA_MEDIA_TYPE, XXE, False, "refused"),
+        ("text/plain", bytes(range(256)), False, "binary"),
+        ("text/plain", make_pdf("x"), False, "application/pdf"),
+        ("text/html", DICOM_BYTES, False, "application/dicom"),
+        ("text/plain; charset=utf-8", "Жалобы".encode("cp1251"), False, "not valid utf-8"),
+        ("text/plain; charset=klingon", b"abc", False, "unknown charset"),
+        ("image/png", make_pdf("x"), False, "application/pdf"),
+        ("not a type", b"abc", False, "not a media type"),
+        ("", b"abc", False, "not a media type"),
+    ],
+)
+def test_check_declared_refuses(declared: str, data: bytes, cda: bool, fragment: str) -> None:
+    reason = check_declared(declared, data, cda=cda)
+    assert reason is not None
+    assert fragment in reason
+
+
+def test_dicom_sop_class_uid_tells_kos_and_sr_apart() -> None:
+    assert dicom_sop_class_uid(DICOM_BYTES) == KOS_SOP_CLASS
+    sr = "1.2.840.10008.5.1.4.1.1.88.33"
+    assert dicom_sop_class_uid(make_dicom_meta(sr)) == sr
+    assert dicom_sop_class_uid(make_pdf("x")) is None
+    assert dicom_sop_class_uid(DICOM_BYTES[:140]) is None  # truncated meta group
+    assert dicom_sop_class_uid(b"\x00" * 128 + b"DICM") is None
+
+
+def test_parse_media_type() -> None:
+    assert parse_media_type('Text/Plain; Charset="windows-1251"') == (
+        "text/plain",
+        {"charset": "windows-1251"},
+    )
+    assert parse_media_type("nonsense")[0] == ""
+
+
+# --- PDF -----------------------------------------------------------------------------------
+
+
+def test_pdf_text_layer_of_every_page_in_russian_and_english() -> None:
+    data = make_pdf("Выписка пациента (копия)", "Page two: Hello", title="Выписка")
+    got = extract_text(data, "application/pdf")
+    assert got.indexable
+    assert got.reason is None
+    assert got.pages == 2
+    assert got.title == "Выписка"
+    assert "Выписка пациента (копия)" in got.text
+    assert "Page two: Hello" in got.text
+
+
+def test_pdf_with_a_user_password_is_flagged_encrypted() -> None:
+    data = make_pdf("Секрет", user_password="s3cret", owner_password="owner")
+    assert sniff(data) == "application/pdf"
+    assert check_declared("application/pdf", data) is None
+    got = extract_text(data, "application/pdf")
+    assert (got.indexable, got.reason, got.text) == (False, "encrypted", "")
+
+
+def test_pdf_with_only_an_owner_password_is_indexed() -> None:
+    # An empty user password means anyone may open it: only printing/copying is restricted.
+    data = make_pdf("Открытый текст", user_password="", owner_password="owner")
+    got = extract_text(data, "application/pdf")
+    assert got.indexable
+    assert "Открытый текст" in got.text
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%PDF-1.7\n" + b"\x00garbage\xff" * 50,
+        b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\ntrailer << /Root 1 0 R >>",
+        b"%PDF-",
+    ],
+    ids=["garbage", "dangling-reference", "header-only"],
+)
+def test_corrupt_pdf_is_not_indexable_and_does_not_raise(data: bytes) -> None:
+    got = extract_text(data, "application/pdf")
+    assert not got.indexable
+    assert got.reason is not None
+    assert got.reason.startswith("unreadable PDF")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9])
+def test_truncated_pdf_never_raises(keep: float) -> None:
+    data = make_pdf("Обрезанный документ", "second page")
+    got = extract_text(data[: int(len(data) * keep)], "application/pdf")
+    # pypdf may rebuild a damaged xref and recover the text; either outcome is fine, a crash is not.
+    assert got.indexable or got.reason
+
+
+# --- CDA and other XML ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["UTF-8", "windows-1251", "UTF-16"])
+@pytest.mark.parametrize("prefix", ["", "hl7"])
+def test_cda_narrative_with_russian_preserved(encoding: str, prefix: str) -> None:
+    data = make_cda(*CDA_SECTIONS, encoding=encoding, prefix=prefix)
+    got = extract_text(data, "text/xml")
+    assert got.indexable
+    assert got.title == "Выписной эпикриз"
+    lines = got.text.splitlines()
+    assert lines[0] == "Выписной эпикриз"
+    assert "Диагноз" in lines
+    assert "Пневмония внебольничная, J18.9" in lines
+    assert "Тест Результат" in lines  # cells separated, rows on their own lines
+    assert "Гемоглобин 128 г/л" in lines
+    assert "СОЭ 12 мм/ч" in lines
+    assert "Lymphocytes 30%" in lines
+    # Coded header parts are not narrative.
+    assert "POCD_HD000040" not in got.text
+
+
+def test_cda_nested_sections_are_all_read() -> None:
+    inner = (
+        "<paragraph>Внешний</paragraph></text><component><section><title>Вложенный</title>"
+        "<text>Внутренний текст</text></section></component><text>"
+    )
+    got = extract_text(make_cda(("Раздел", inner)), CDA_MEDIA_TYPE)
+    assert "Внешний" in got.text
+    assert "Вложенный" in got.text
+    assert "Внутренний текст" in got.text
+
+
+def test_other_xml_gives_its_text_nodes() -> None:
+    got = extract_text(b"<root><a>one</a><b>two <i>three</i></b></root>", "application/xml")
+    assert got.indexable
+    assert got.text.split() == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("data", [BILLION_LAUGHS, XXE], ids=["billion-laughs", "xxe"])
+def test_entity_declarations_are_refused_fast(data: bytes) -> None:
+    started = time.perf_counter()
+    got = extract_text(data, "text/xml")
+    assert time.perf_counter() - started < 1.0
+    assert not got.indexable
+    assert got.reason is not None
+    assert "ENTITY" in got.reason
+    assert "root:" not in got.text
+    with pytest.raises(UnsafeXml):
+        parse_xml(data)
+
+
+def test_doctype_without_entities_is_parsed_and_no_external_dtd_is_loaded() -> None:
+    data = (
+        b'<!DOCTYPE ClinicalDocument SYSTEM "http://invalid.example/cda.dtd">'
+        b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>Ok</title></ClinicalDocument>'
+    )
+    assert extract_text(data, "text/xml").text == "Ok"
+
+
+def test_malformed_xml_is_not_indexable() -> None:
+    got = extract_text(b"<ClinicalDocument><title>x</ClinicalDocument>", "text/xml")
+    assert not got.indexable
+    assert got.reason is not None
+    assert "not well-formed" in got.reason
+
+
+# --- plain text and HTML -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type"),
+    [
+        ("Жалобы на кашель.\r\nT 37,8".encode(), "text/plain"),
+        ("Жалобы на кашель.\r\nT 37,8".encode("cp1251"), "text/plain"),
+        ("Жалобы на кашель.\r\nT 37,8".encode("cp1251"), "text/plain; charset=windows-1251"),
+        ("\ufeffЖалобы на кашель.\nT 37,8".encode(), "text/plain"),
+        ("Жалобы на кашель.\nT 37,8".encode("utf-16"), "text/plain"),
+        ("Жалобы на кашель.\nT 37,8".encode(), "application/octet-stream"),
+    ],
+    ids=["utf8-crlf", "cp1251-guessed", "cp1251-declared", "utf8-bom", "utf16", "octet-stream"],
+)
+def test_plain_text_in_utf8_and_windows_1251(data: bytes, content_type: str) -> None:
+    got = extract_text(data, content_type)
+    assert got.indexable
+    assert got.text == "Жалобы на кашель.\nT 37,8"
+
+
+def test_binary_declared_as_text_is_not_indexable() -> None:
+    got = extract_text(bytes(range(256)), "text/plain")
+    assert (got.indexable, got.reason) == (False, "not decodable as text")
+
+
+def test_html_visible_text_without_scripts_or_styles() -> None:
+    got = extract_text(HTML_PAGE.encode(), "text/html")
+    assert got.indexable
+    assert got.title == "Заключение"
+    lines = [line for line in got.text.splitlines() if line]
+    assert lines == ["Рентгенография", "Очаговых теней нет & норма."]
+    for hidden in ("secret", "alert", "color"):
+        assert hidden not in got.text
+
+
+def test_html_meta_charset_windows_1251() -> None:
+    page = '<html><head><meta charset="windows-1251"></head><body><p>Норма</p></body></html>'
+    assert extract_text(page.encode("cp1251"), "text/html").text == "Норма"
+
+
+# --- other types and the size cap ----------------------------------------------------------
+
+
+def test_dicom_and_unknown_types_are_not_indexed() -> None:
+    assert extract_text(DICOM_BYTES, "application/dicom").reason == (
+        "DICOM objects are not indexed as text"
+    )
+    assert extract_text(DICOM_BYTES, "application/octet-stream").indexable is False
+    got = extract_text(b"\xff\xd8\xff\xe0", "image/jpeg")
+    assert (got.indexable, got.reason) == (False, "no text extractor for image/jpeg")
+
+
+def test_text_is_capped_and_says_so() -> None:
+    data = ("слово " * 200_000).encode()
+    got = extract_text(data, "text/plain")
+    assert got.indexable
+    assert got.truncated
+    assert len(got.text) == MAX_TEXT_CHARS
+    assert not extract_text(b"short", "text/plain").truncated
