@@ -279,3 +279,38 @@ def test_messages_list_and_show(cli_env: str) -> None:
     assert "discarded:" in res.stdout and "why:" in res.stdout
     res = runner.invoke(app, ["messages", "show", "424242"])
     assert res.exit_code == 1 and "no kept message 424242" in res.output
+
+
+def test_messages_replay_after_the_sender_is_registered(cli_env: str) -> None:
+    """A result from a laboratory the hub did not know is kept (AR); once the laboratory is
+    registered, ``hie messages replay --all`` files it, and the message is marked replayed."""
+    from hie.adapters.hl7_listener import Hl7Listener
+    from hie.fhir.service import FhirService
+    from hie.hub.runtime import open_hub
+    from hie.hub.settings import load_settings
+    from hie.hub.store.port import Query
+    from hie.registries.patient_index import attach_mpi
+    from tests.fixtures.hl7v2 import oru_message
+    from tests.fixtures.labs import as_transaction, lab_registry
+
+    hub = open_hub(load_settings())
+    hub.store.migrate()
+    try:
+        svc = FhirService(hub.store, hub.settings)
+        mpi = attach_mpi(svc)
+        assert mpi is not None
+        listener = Hl7Listener(svc, mpi, hub.rejected, workers=1)
+        assert listener.apply(oru_message("cbc", control_id="LATE-1")).code == "AR"
+        listener.process(oru_message("cbc", control_id="LATE-1"))
+        listener.close()
+        assert runner.invoke(app, ["messages", "replay", "--all"]).exit_code == 1  # still unknown
+        svc.transaction(as_transaction(lab_registry()), "")
+        res = runner.invoke(app, ["messages", "replay", "--all"])
+        assert res.exit_code == 0, res.output
+        assert ": AA" in res.output
+        (kept,) = hub.rejected.list()
+        assert kept.status == "replayed"
+        assert len(hub.store.search(Query("Observation", count=50)).items) == 10
+        assert runner.invoke(app, ["messages", "replay", "--all"]).exit_code == 2  # none open
+    finally:
+        hub.close()
