@@ -82,7 +82,7 @@ class Hl7Listener:
         mpi: MasterPatientIndex,
         rejected: RejectedStore,
         *,
-        workers: int = 4,
+        workers: int = 2,
     ) -> None:
         self.svc = svc
         self.rejected = rejected
