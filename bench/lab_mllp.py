@@ -4,7 +4,7 @@ the bare echo server as the ceiling, side by side in one run.
 1. A data dir is set up on the embedded default (SQLite, ``synchronous=FULL``): the facility
    registry (a clinic whose patient numbers the messages carry, the sending laboratory, the
    ordering doctor) and ``--patients`` people registered by the clinic's ADT feed.
-2. ``hie serve`` runs (HTTP off, MLLP on, outbox worker on) in its own process.
+2. ``hie serve`` runs (one HTTP worker, MLLP on, outbox worker on) in its own process.
 3. Sustained throughput: ``--connections`` MLLP clients send ``--messages`` ORU^R01 (10 OBX
    each, realistic Russian CBC and biochemistry panels, each message a new order of a random
    registered patient), each waiting for its ACK before the next; every ACK is sent after the
@@ -31,8 +31,6 @@ import platform
 import pstats
 import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fhir_store import free_port  # noqa: E402
+from fhir_store import free_port, hub_server  # noqa: E402
 from mllp_tools import LoadResult, run_load, split, start_echo_server  # noqa: E402
 
 from hie.hub.settings import load_settings  # noqa: E402
@@ -154,40 +152,6 @@ def profile(data_dir: Path, messages: list[bytes]) -> str:
     return buf.getvalue()
 
 
-def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """``hie serve`` with only the MLLP listener (and the outbox worker)."""
-    env = {
-        **os.environ,
-        "HIE_DATA_DIR": str(data_dir),
-        "HIE_HTTP_PORT": "0",
-        "HIE_MLLP_PORT": str(port),
-        "HIE_DICOM_PORT": "0",
-        "HIE_LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hie.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(data_dir / "serve.log", "ab"),  # noqa: SIM115
-    )
-    return proc
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """Until something accepts on ``port``."""
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("hie serve exited; see serve.log")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError("hie serve did not start listening")
-
-
 def load(port: int, msgs: list[bytes], connections: int, rate: float | None) -> LoadResult:
     """Send ``msgs`` over ``connections`` MLLP clients, each waiting for every ACK."""
     return asyncio.run(
@@ -228,20 +192,15 @@ def main() -> None:
     full = results(args.messages, args.patients, args.seed)
     half_msgs = results(max(args.messages // 2, 100), args.patients, args.seed + 1)
     port = free_port()
-    proc = serve(data_dir, port)
-    try:
-        wait_listening(port, proc)
+    # the hub as `hie serve` runs it (HTTP, MLLP, outbox worker with the alerts); the MLLP
+    # listener starts before the HTTP one, so it listens once the hub answers /healthz
+    url = f"sqlite:///{data_dir / 'hie.db'}"
+    with hub_server(data_dir, url, HIE_MLLP_PORT=str(port), HIE_HTTP_WORKERS="1"):
         print(f"sustained load: {len(full):,} messages, {args.connections} connections …")
         sustained = load(port, full, args.connections, None)
         half_rate = sustained.rate / 2
         print(f"latency at half load ({half_rate:,.0f} msg/s) …")
         half = load(port, half_msgs, args.connections, half_rate)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     print("ceiling: the bare echo server …")
     ceiling = echo(full, args.connections)
     prof_text = ""

@@ -639,7 +639,7 @@ def messages_replay(
 ) -> None:
     """Run kept HL7 messages through the listener again, after their cause was fixed (the
     sender registered, a code list loaded). Exit 1 if any still fails."""
-    from hie.adapters.hl7_listener import Hl7Listener, replay
+    from hie.adapters.hl7_listener import Hl7Listener, replay, replayable
     from hie.fhir.service import FhirService
     from hie.hub.errors import HieError
     from hie.hub.runtime import open_hub
@@ -651,7 +651,7 @@ def messages_replay(
         wanted = list(ids or [])
         if all_open:
             found = hub.rejected.list(status="open", channel="mllp", limit=100_000)
-            wanted += [m.id for m in reversed(found) if m.kind in ("rejected", "failed")]
+            wanted += [m.id for m in reversed(found) if replayable(m)]
         if not wanted:
             typer.echo("nothing to replay (give ids or --all)", err=True)
             raise typer.Exit(2)

@@ -49,7 +49,7 @@ from hie.fhir.service import FhirService
 from hie.hub.auth import acting_as
 from hie.hub.errors import Conflict, NotFound
 from hie.hub.logging import get_logger
-from hie.hub.rejected import RejectedStore
+from hie.hub.rejected import RejectedMessage, RejectedStore
 from hie.hub.runtime import Hub
 from hie.lab_exchange.service import LabIntake, mo_principal
 from hie.registries.adt_intake import AdtIntake
@@ -278,6 +278,12 @@ def start_mllp(hub: Hub) -> MllpListener | None:
     return MllpListener(serve_in_thread(mllp_server_from_settings(settings, handler)), handler)
 
 
+def replayable(kept: RejectedMessage) -> bool:
+    """Whether a kept message is one :func:`replay` can run again: an HL7 message the MLLP
+    intake answered AR/AE (a frame that never became a message has nothing to run)."""
+    return kept.channel == "mllp" and kept.kind in ("rejected", "failed")
+
+
 def replay(handler: Hl7Listener, ident: int) -> Outcome:
     """Run a kept message through the listener again (after the cause was fixed: a sender
     registered, a code list loaded). Success marks it replayed; a failure leaves it open and
@@ -285,7 +291,7 @@ def replay(handler: Hl7Listener, ident: int) -> Outcome:
     kept = handler.rejected.get(ident)
     if kept is None or kept.raw is None:
         raise NotFound(f"no kept message {ident}")
-    if kept.channel != "mllp" or kept.kind not in ("rejected", "failed"):
+    if not replayable(kept):
         raise Conflict(f"message {ident} ({kept.channel}, {kept.kind}) is not an HL7 message")
     if kept.status != "open":
         raise Conflict(f"message {ident} is {kept.status}")

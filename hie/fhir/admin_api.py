@@ -37,6 +37,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from hie.adapters.hl7_listener import Hl7Listener, Outcome, replay
+from hie.adapters.hl7_listener import replayable as can_replay
 from hie.adapters.hl7v2 import Hl7Problem, codec_for
 from hie.fhir.api import query_items, read_json_body
 from hie.fhir.dates import require_range
@@ -54,9 +55,6 @@ log = get_logger("hie.admin")
 PREFIX = "/admin/messages"
 OPERATION = "rejected-messages"  # hie/hub/policy.py OPERATIONS: who may use this API
 _LIST_PARAMS = frozenset({"status", "channel", "since", "_count", "before"})
-# What the replay in hie.adapters.hl7_listener accepts: whole HL7 messages the MLLP intake
-# answered AR/AE (a frame that never became a message has nothing to run again).
-REPLAYABLE = ("mllp", frozenset({"rejected", "failed"}))
 # Russian first, with English: these are shown to operators as they are.
 STATUS_TEXT = {
     "open": "открыто / open",
@@ -84,8 +82,7 @@ def iso_utc(value: datetime | None) -> str | None:
 
 def replayable(m: RejectedMessage) -> bool:
     """Whether ``m`` can be run through the intake again now (open, and a whole HL7 message)."""
-    channel, kinds = REPLAYABLE
-    return m.status == "open" and m.channel == channel and m.kind in kinds
+    return m.status == "open" and can_replay(m)
 
 
 def message_summary(m: RejectedMessage) -> Json:

@@ -34,8 +34,51 @@ class Consumer(Protocol):
         """Handle a batch in order; must be idempotent. Raise to have it retried."""
 
 
-class OutboxWorker:
+class Poller:
+    """A background thread that runs :meth:`tick` until stopped, resting ``poll_seconds``
+    whenever a pass finds nothing more to do at once (the outbox worker, the alert
+    escalator). A failed pass is logged and the thread goes on."""
+
+    thread_name = "hie-poller"
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def tick(self) -> bool:
+        """One pass; True when there may be more to do right away."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.tick()
+            except Exception:
+                log.exception("background pass failed", thread=self.thread_name)
+                busy = False
+            if not busy:
+                self._stop.wait(self.poll_seconds)
+
+    def start(self) -> None:
+        """Start the background thread."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current pass."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+
+class OutboxWorker(Poller):
     """Polls the outbox and feeds each consumer; one thread, consumers in turn."""
+
+    thread_name = "hie-outbox"
 
     def __init__(
         self,
@@ -45,13 +88,12 @@ class OutboxWorker:
         poll_seconds: float = 0.2,
         batch: int = 2000,
     ) -> None:
+        super().__init__(poll_seconds)
         self.store = store
         self.consumers = list(consumers)
-        self.poll_seconds = poll_seconds
         self.batch = batch
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._backoff: dict[str, float] = {}
+        self._last_lag = 0.0
 
     def run_once(self) -> int:
         """One pass over every consumer; returns how many events were handled."""
@@ -95,29 +137,10 @@ class OutboxWorker:
             acked, newest = self.store.outbox_position(c.name)
             LAG.labels(c.name).set(max(0, newest - acked))
 
-    def _loop(self) -> None:
-        last_lag = 0.0
-        while not self._stop.is_set():
-            try:
-                handled = self.run_once()
-                if time.monotonic() - last_lag > 5:
-                    self.update_lag()
-                    last_lag = time.monotonic()
-            except Exception:
-                log.exception("outbox worker pass failed")
-                handled = 0
-            if handled == 0:
-                self._stop.wait(self.poll_seconds)
-
-    def start(self) -> None:
-        """Start the background thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="hie-outbox", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current pass."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+    def tick(self) -> bool:
+        """One pass; the lag gauges are refreshed every few seconds."""
+        handled = self.run_once()
+        if time.monotonic() - self._last_lag > 5:
+            self.update_lag()
+            self._last_lag = time.monotonic()
+        return handled > 0

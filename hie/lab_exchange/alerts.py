@@ -76,6 +76,7 @@ from hie.fhir.dates import format_instant, parse_range
 from hie.fhir.search import escape_value, parse_search
 from hie.fhir.service import FhirService
 from hie.hub.logging import get_logger
+from hie.hub.outbox import Poller
 from hie.hub.settings import Settings
 from hie.hub.store.port import OutboxEvent, ResourceStore, StoredResource, WriteTx, iter_search
 from hie.hub.store.sql import now_us
@@ -1507,12 +1508,14 @@ def _communication_id(task_id: str, step: str) -> str:
 # --- escalation ----------------------------------------------------------------------------
 
 
-class AlertEscalator:
+class AlertEscalator(Poller):
     """Escalates alerts nobody acknowledged in time (see the module docstring).
 
     ``run_once`` is one pass; ``start`` runs passes every ``poll_seconds`` in a thread. Passes
     in several processes are safe: each step re-reads the Task inside its transaction (locked
     on PostgreSQL) and does nothing if someone else already moved it."""
+
+    thread_name = "hie-alerts"
 
     def __init__(
         self,
@@ -1523,14 +1526,12 @@ class AlertEscalator:
         *,
         poll_seconds: float = 30.0,
     ) -> None:
+        super().__init__(poll_seconds)
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.poll_seconds = poll_seconds
         self.directory = Directory(store, settings)
         self.writer = _Writer(service)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def open_alerts(self) -> Iterator[StoredResource]:
         """Every alert Task still waiting for someone (requested, received, rejected)."""
@@ -1659,24 +1660,7 @@ class AlertEscalator:
         log.warning("lab.alert_escalated", task=task_id, level=level, owner=target)
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("alert escalation pass failed")
-            self._stop.wait(self.poll_seconds)
-
-    def start(self) -> None:
-        """Run passes in a background thread every ``poll_seconds``."""
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="hie-alerts", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current pass."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+    def tick(self) -> bool:
+        """One escalation pass (then rest ``poll_seconds``)."""
+        self.run_once()
+        return False

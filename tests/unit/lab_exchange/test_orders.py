@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from hie.adapters.hl7v2 import Hl7Problem, parse
 from hie.fhir.model import validate
@@ -25,6 +24,7 @@ from tests.fixtures.hl7v2 import (
     bad_snils,
     check_golden,
     lab_snapshot,
+    mutated,
     oml_message,
     orm_message,
     oru_message,
@@ -268,26 +268,10 @@ def test_results_find_their_order_by_the_placer_number() -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.sampled_from([orm_message(), oml_message(), orm_message(version="2.5.1", control="SC")]),
-    st.lists(
-        st.tuples(st.integers(0, 5_000), st.integers(0, 255), st.sampled_from("idr")),
-        min_size=1,
-        max_size=8,
-    ),
-)
-def test_fuzz_mutated_messages(base: bytes, edits: list[tuple[int, int, str]]) -> None:
-    data = bytearray(base)
-    for pos, byte, op in edits:
-        i = pos % (len(data) + 1)
-        if op == "i":
-            data[i:i] = bytes([byte])
-        elif op == "d":
-            del data[i : i + 1]
-        else:
-            data[i : i + 1] = bytes([byte])
+@given(mutated([orm_message(), oml_message(), orm_message(version="2.5.1", control="SC")]))
+def test_fuzz_mutated_messages(data: bytes) -> None:
     try:
-        res = order(bytes(data))
+        res = order(data)
     except Hl7Problem as problem:
         assert problem.code != "207", problem.__cause__
         return

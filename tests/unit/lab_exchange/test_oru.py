@@ -41,6 +41,7 @@ from tests.fixtures.hl7v2 import (
     Raw,
     check_golden,
     lab_snapshot,
+    mutated,
     oru_message,
 )
 
@@ -681,26 +682,10 @@ VALID = [
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.sampled_from(VALID),
-    st.lists(
-        st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from("idr")),
-        min_size=1,
-        max_size=8,
-    ),
-)
-def test_fuzz_mutated_messages(base: bytes, edits: list[tuple[int, int, str]]) -> None:
-    data = bytearray(base)
-    for pos, byte, op in edits:
-        i = pos % (len(data) + 1)
-        if op == "i":
-            data[i:i] = bytes([byte])
-        elif op == "d":
-            del data[i : i + 1]
-        else:
-            data[i : i + 1] = bytes([byte])
+@given(mutated(VALID))
+def test_fuzz_mutated_messages(data: bytes) -> None:
     try:
-        res = oru(bytes(data))
+        res = oru(data)
     except Hl7Problem as problem:
         assert problem.code != "207", problem.__cause__
         return
