@@ -14,6 +14,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from hie.fhir.binary_api import binary_routes
 from hie.fhir.capability import capability_statement
 from hie.fhir.dates import format_http_date, parse_http_date
 from hie.fhir.service import FhirService, WriteResult, outcome
@@ -163,6 +164,7 @@ class FhirApi:
     def _routes(self) -> None:  # noqa: C901 - one place lists every route
         r = self.router
         svc = self.svc
+        binary_routes(self)  # before the generic /{rtype} routes
 
         @r.get("/metadata")
         async def metadata(request: Request) -> Response:

@@ -320,6 +320,7 @@ def create_app(
         search_index=lambda: hub.search_index,
         require_principal=settings.auth_enabled,
         trail=hub.audit,
+        blobs=lambda: hub.blobs,
     )
     mpi = attach_mpi(service)
     run_worker = settings.worker if start_worker is None else start_worker
@@ -344,7 +345,7 @@ def create_app(
     async def hie_error(_request: Request, exc: HieError) -> Response:
         if exc.status >= 500:
             log.error("hub error", code=exc.code, error=exc.message)
-        return fhir_response(error_outcome(exc), exc.status)
+        return fhir_response(error_outcome(exc), exc.status, exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> Response:

@@ -16,6 +16,7 @@ import orjson
 
 from hie.fhir import model
 from hie.fhir.dates import format_instant
+from hie.fhir.documents import DOCUMENT_TYPES
 from hie.hub.errors import (
     HieError,
     InvalidRequest,
@@ -147,6 +148,20 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
             raise InvalidRequest(f"entry {op.index}: POST url must be the type, not {op.url!r}")
         if op.method == "PUT" and op.id is None and op.criteria is None:
             raise InvalidRequest(f"entry {op.index}: PUT needs Type/id or Type?criteria")
+    # document bodies go to the blob store before the transaction (IHE MHD ITI-65)
+    documents = [
+        op
+        for op in ops
+        if op.method in ("POST", "PUT") and op.resource_type in DOCUMENT_TYPES and not validated
+    ]
+    batch = svc.documents.batch(svc) if documents and svc.documents is not None else None
+    if batch is not None:
+        for op in documents:
+            try:
+                batch.stage(op.resource)
+            except HieError as err:
+                err.message = f"entry {op.index}: {err.message}"
+                raise
     # urn:uuid / fullUrl → Type/id for entries whose id is known before touching the database
     mapping: dict[str, str] = {}
     for op in ops:
@@ -224,6 +239,15 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
         for op in ops:
             if op.method in ("POST", "PUT") and isinstance(op.resource, dict):
                 _walk_refs(op.resource, resolve)
+        if batch is not None:
+            kept = [op for op in documents if op.method in ("POST", "PUT") and op.id]
+            batch.link(
+                tx,
+                when,
+                [(op.resource, op.id or "") for op in kept if op.resource_type != "Binary"],
+                {op.id or "": op.resource for op in kept if op.resource_type == "Binary"},
+                resolve,
+            )
 
         creates: list[tuple[NewVersion, int]] = []
         create_ops: list[_Op] = []

@@ -25,6 +25,7 @@ import orjson
 from hie.fhir import model
 from hie.fhir.access import Access, check_author, label_sensitive
 from hie.fhir.dates import format_instant, require_range
+from hie.fhir.documents import DOCUMENT_TYPES, DocumentIntake, IntakeBatch, security_context
 from hie.fhir.extract import extract
 from hie.fhir.indexing import FULLTEXT_TYPES
 from hie.fhir.search import (
@@ -36,6 +37,7 @@ from hie.fhir.search import (
 from hie.fhir.searchparams import PATIENT_COMPARTMENT, params_for
 from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access, note_access
 from hie.hub.auth import Forbidden, Principal, current_principal
+from hie.hub.blobs.port import BlobSource, BlobStore
 from hie.hub.errors import (
     Gone,
     HieError,
@@ -187,10 +189,15 @@ class FhirService:
         *,
         require_principal: bool = False,
         trail: SqlAuditLog | None = None,
+        blobs: Callable[[], BlobStore] | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.search_index = search_index
+        # document bodies (IHE MHD): in the blob store when one is configured
+        self.documents = (
+            DocumentIntake(blobs, settings.max_document_bytes) if blobs is not None else None
+        )
         self.mpi: PatientWrites | None = None  # set by the app (hie.registries.patient_index)
         self.policy = AccessPolicy(PATIENT_COMPARTMENT)
         self.access = Access(store, self.policy)
@@ -405,13 +412,22 @@ class FhirService:
 
     # --- single-resource interactions ------------------------------------------------------
 
-    def create(self, res: Any, resource_type: str, if_none_exist: str | None = None) -> WriteResult:
-        """Create with a server id; ``If-None-Exist`` makes it conditional."""
+    def create(
+        self,
+        res: Any,
+        resource_type: str,
+        if_none_exist: str | None = None,
+        *,
+        batch: IntakeBatch | None = None,
+    ) -> WriteResult:
+        """Create with a server id; ``If-None-Exist`` makes it conditional. ``batch``: the
+        body of a Binary is already in the blob store (:meth:`write_binary`)."""
         res = self._check_body(res, resource_type)
         res.pop("id", None)
         when = now_us()
         rid = new_id()
-        new = self.prepare(res, resource_type, rid, 1, when, "POST")
+        batch = batch or self._stage_documents(res, resource_type)
+        new = self.prepare(res, resource_type, rid, 1, when, "POST") if batch is None else None
         with self.store.transaction() as tx:
             if if_none_exist:
                 found = self._match(tx, resource_type, if_none_exist)
@@ -423,9 +439,58 @@ class FhirService:
                     cur = tx.current(resource_type, found[0][1], for_update=False)
                     assert cur is not None
                     return WriteResult(cur, False, 200)
+            if new is None:  # a document: checked against its body, inside the transaction
+                self._link_document(batch, tx, res, resource_type, rid, when)
+                new = self.prepare(res, resource_type, rid, 1, when, "POST", validated=True)
             stored = tx.write(new, 1, when)
             self.written(tx, res, stored, when)
         return WriteResult(stored, True, 201)
+
+    def write_binary(
+        self,
+        source: BlobSource,
+        content_type: str,
+        context: str | None = None,
+        id: str | None = None,
+        if_match: int | None = None,
+    ) -> WriteResult:
+        """Create (``id`` None) or update a Binary from its raw bytes, sent with their own
+        Content-Type and streamed into the blob store within the document limit;
+        ``context``: the ``X-Security-Context`` reference the Binary's access follows."""
+        if self.documents is None:
+            raise NotSupported("raw Binary bodies need the blob store (HIE_BLOB_URL)")
+        res: Json = {"resourceType": "Binary", "contentType": content_type}
+        if context:
+            if context.count("/") != 1 or not all(context.split("/")):
+                raise InvalidRequest(f"X-Security-Context {context!r} is not Type/id")
+            res["securityContext"] = {"reference": context}
+        model.validate(res)
+        batch = self.documents.batch(self)
+        batch.attach(res, self.documents.put_checked(source, content_type))
+        if id is None:
+            return self.create(res, "Binary", batch=batch)
+        return self.update(res, "Binary", id, if_match, batch=batch)
+
+    def _stage_documents(self, res: Json, resource_type: str) -> IntakeBatch | None:
+        """For a Binary or DocumentReference: validate, then put inline bodies into the blob
+        store (before the transaction; :mod:`hie.fhir.documents`)."""
+        if self.documents is None or resource_type not in DOCUMENT_TYPES:
+            return None
+        model.validate(res)
+        batch = self.documents.batch(self)
+        batch.stage(res)
+        return batch
+
+    @staticmethod
+    def _link_document(
+        batch: IntakeBatch | None, tx: WriteTx, res: Json, resource_type: str, id: str, when: int
+    ) -> None:
+        """Check a single written document against its body, inside the transaction."""
+        if batch is None:
+            return
+        docs = [(res, id)] if resource_type == "DocumentReference" else []
+        binaries = {id: res} if resource_type == "Binary" else {}
+        batch.link(tx, when, docs, binaries, resolve=lambda url: url)
 
     def written(self, tx: WriteTx, res: Json | None, stored: StoredResource, when: int) -> None:
         """After a client's write, inside its transaction: the principal's right to it (what
@@ -533,9 +598,29 @@ class FhirService:
             raise NotFound(f"{resource_type}/{id} is not known")
         if cur.deleted:
             raise Gone(f"{resource_type}/{id} was deleted (version {cur.version})")
+        if resource_type == "Binary" and grant.restricted and self._context_visible(cur):
+            return cur
         self._require_visible(cur, grant)
         self._note([cur], "read")
         return cur
+
+    def _context_visible(self, binary: StoredResource) -> bool:
+        """Whether the caller may read the resource a Binary's ``securityContext`` names (a
+        document's body is read on the document's rules); the read is audited as about that
+        resource's patients."""
+        context = security_context(content_json(binary))
+        if context is None:
+            return False
+        try:
+            grant = self.grant(context[0], "r")
+        except Forbidden:
+            return False
+        about = self.store.read_where(context[0], context[1], grant.conds)
+        if about is None:
+            return False
+        self._note([binary], "read")
+        note_access(patients=_patients_in(content_json(about), about))
+        return True
 
     def vread(self, resource_type: str, id: str, version: str) -> StoredResource:
         """A specific version; Gone for the version that is a deletion."""
@@ -554,7 +639,13 @@ class FhirService:
         return v
 
     def update(
-        self, res: Any, resource_type: str, id: str, if_match: int | None = None
+        self,
+        res: Any,
+        resource_type: str,
+        id: str,
+        if_match: int | None = None,
+        *,
+        batch: IntakeBatch | None = None,
     ) -> WriteResult:
         """Update (or create with the client's id when absent)."""
         res = self._check_body(res, resource_type)
@@ -564,9 +655,12 @@ class FhirService:
                 expression=["id"],
             )
         model.validate(res)  # outside the write lock: validation is the costly part
+        batch = batch or self._stage_documents(res, resource_type)
         when = now_us()
         with self.store.transaction() as tx:
-            return self._update_in(tx, res, resource_type, id, if_match, when, validated=True)
+            return self._update_in(
+                tx, res, resource_type, id, if_match, when, validated=True, batch=batch
+            )
 
     def _update_in(
         self,
@@ -579,6 +673,7 @@ class FhirService:
         method: str = "PUT",
         *,
         validated: bool = False,
+        batch: IntakeBatch | None = None,
     ) -> WriteResult:
         cur = tx.current(resource_type, id)
         if if_match is not None and (cur is None or cur.version != if_match):
@@ -590,6 +685,7 @@ class FhirService:
         if cur is not None and not cur.deleted:
             self._require_visible(cur, self.grant(resource_type, "u"), tx)
         version = cur.version + 1 if cur else 1
+        self._link_document(batch, tx, res, resource_type, id, when)
         new = self.prepare(res, resource_type, id, version, when, method, validated=validated)
         stored = tx.write(new, version, when)
         self.written(tx, res, stored, when)
@@ -602,6 +698,7 @@ class FhirService:
         """PUT ``Type?criteria``: 0 matches creates, 1 updates, more is 412."""
         res = self._check_body(res, resource_type)
         model.validate(res)
+        batch = self._stage_documents(res, resource_type)
         when = now_us()
         with self.store.transaction() as tx:
             found = self._match(tx, resource_type, criteria)
@@ -616,7 +713,9 @@ class FhirService:
                     )
             else:
                 id = res.get("id") or new_id()
-            return self._update_in(tx, res, resource_type, id, None, when, validated=True)
+            return self._update_in(
+                tx, res, resource_type, id, None, when, validated=True, batch=batch
+            )
 
     def patch(
         self, ops: Any, resource_type: str, id: str, if_match: int | None = None
@@ -624,6 +723,8 @@ class FhirService:
         """JSON Patch (RFC 6902) against the current version."""
         if not isinstance(ops, list):
             raise InvalidRequest("a JSON Patch body is an array of operations")
+        if resource_type == "Binary":
+            raise Unprocessable("a Binary's bytes cannot be patched; PUT the new body")
         when = now_us()
         with self.store.transaction() as tx:
             cur = tx.current(resource_type, id)
@@ -638,7 +739,18 @@ class FhirService:
             res = self._check_body(res, resource_type)
             if res.get("id") != id:
                 raise Unprocessable("a patch may not change the resource id")
-            return self._update_in(tx, res, resource_type, id, if_match, when, "PATCH")
+            batch = self._stage_documents(res, resource_type)
+            return self._update_in(
+                tx,
+                res,
+                resource_type,
+                id,
+                if_match,
+                when,
+                "PATCH",
+                validated=batch is not None,
+                batch=batch,
+            )
 
     def delete(self, resource_type: str, id: str) -> StoredResource | None:
         """Delete: a new version that is a tombstone. Idempotent."""
@@ -705,6 +817,12 @@ class FhirService:
             # MOs' records by default; golden records when asked for (PDQm over golden records:
             # _tag=https://hie.spb.ru/fhir/CodeSystem/mpi|golden) or by id
             req.query.conds.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
+        if resource_type == "DocumentReference" and not any(
+            k.split(":")[0] in ("status", "_id") for k, _ in items
+        ):
+            # IHE MHD: a replaced document stays retrievable, but search shows the current
+            # ones unless the client asks for a status (status=superseded, or several)
+            req.query.conds.append(TokenCond("status", None, "current"))
         if req.content is not None:
             req.query.conds.append(self._content_cond(resource_type, req.content, req.query.conds))
         page_path = path or (f"/{resource_type}" if resource_type else "")

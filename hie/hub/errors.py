@@ -13,6 +13,7 @@ class HieError(Exception):
     code = "HIE-1000"
     status = 500
     issue = "exception"  # FHIR IssueType
+    headers: dict[str, str] | None = None  # HTTP headers the response must carry
 
     def __init__(self, message: str, *, expression: list[str] | None = None) -> None:
         super().__init__(message)
@@ -142,3 +143,15 @@ class BlobIntegrityError(HieError):
     code = "HIE-1015"
     status = 422
     issue = "invalid"
+
+
+class RangeNotSatisfiable(HieError):
+    """A byte range outside the body (HTTP 416, with ``Content-Range: bytes */size``)."""
+
+    code = "HIE-1016"
+    status = 416
+    issue = "invalid"
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.headers = {"Content-Range": f"bytes */{size}"}

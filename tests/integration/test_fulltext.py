@@ -3,6 +3,7 @@ FHIR searches find Russian text by word form, on SQLite and PostgreSQL resource 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 from urllib.parse import quote
 
@@ -41,7 +42,15 @@ def document(pid: str, description: str) -> dict[str, Any]:
         "status": "current",
         "subject": {"reference": f"Patient/{pid}"},
         "description": description,
-        "content": [{"attachment": {"contentType": "application/pdf", "title": "эпикриз.pdf"}}],
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain; charset=utf-8",
+                    "title": "эпикриз.txt",
+                    "data": base64.b64encode(description.encode()).decode(),
+                }
+            }
+        ],
     }
 
 

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import time
 
 import pytest
-from pypdf import PdfWriter
-from pypdf.generic import (
-    ArrayObject,
-    DecodedStreamObject,
-    DictionaryObject,
-    NameObject,
-    NumberObject,
-)
 
 from hie.fhir.document_content import (
     CDA_MEDIA_TYPE,
@@ -26,142 +17,17 @@ from hie.fhir.document_content import (
     parse_xml,
     sniff,
 )
-
-# --- generated test documents --------------------------------------------------------------
-
-
-def _name(value: str) -> NameObject:
-    return NameObject(value)
-
-
-def make_pdf(
-    *pages: str,
-    title: str | None = None,
-    user_password: str | None = None,
-    owner_password: str | None = None,
-) -> bytes:
-    """A PDF with one line of text per page, in Helvetica re-encoded so Cyrillic round-trips.
-
-    Bytes 0xC0-0xFF are mapped to А..я through /Differences with /uniXXXX glyph names, so the
-    text is written in Windows-1251 and read back as Unicode, with no embedded font.
-    """
-    differences = ArrayObject(
-        [NumberObject(0xC0), *(_name(f"/uni{0x410 + i:04X}") for i in range(64))]
-    )
-    encoding = DictionaryObject(
-        {
-            _name("/Type"): _name("/Encoding"),
-            _name("/BaseEncoding"): _name("/WinAnsiEncoding"),
-            _name("/Differences"): differences,
-        }
-    )
-    font = DictionaryObject(
-        {
-            _name("/Type"): _name("/Font"),
-            _name("/Subtype"): _name("/Type1"),
-            _name("/BaseFont"): _name("/Helvetica"),
-            _name("/Encoding"): encoding,
-        }
-    )
-    writer = PdfWriter()
-    for line in pages:
-        page = writer.add_blank_page(width=595, height=842)
-        page[_name("/Resources")] = DictionaryObject(
-            {_name("/Font"): DictionaryObject({_name("/F1"): font})}
-        )
-        content = DecodedStreamObject()
-        escaped = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
-        content.set_data(b"BT /F1 12 Tf 72 760 Td (" + escaped.encode("cp1251") + b") Tj ET")
-        page.replace_contents(content)
-    if title:
-        writer.add_metadata({"/Title": title})
-    if user_password is not None:
-        writer.encrypt(
-            user_password=user_password, owner_password=owner_password, algorithm="AES-128"
-        )
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
-
-
-def make_cda(*sections: tuple[str, str], encoding: str = "UTF-8", prefix: str = "") -> bytes:
-    """A CDA R2 ClinicalDocument whose sections carry (title, narrative XML)."""
-    p = f"{prefix}:" if prefix else ""
-    xmlns = f"xmlns:{prefix}" if prefix else "xmlns"
-    body = "".join(
-        f"<{p}component><{p}section><{p}title>{title}</{p}title>"
-        f"<{p}text>{narrative}</{p}text></{p}section></{p}component>"
-        for title, narrative in sections
-    )
-    doc = (
-        f'<?xml version="1.0" encoding="{encoding}"?>\n'
-        f'<{p}ClinicalDocument {xmlns}="urn:hl7-org:v3">'
-        f'<{p}typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>'
-        f"<{p}title>Выписной эпикриз</{p}title>"
-        f"<{p}component><{p}structuredBody>{body}</{p}structuredBody></{p}component>"
-        f"</{p}ClinicalDocument>"
-    )
-    return doc.encode(encoding)
-
-
-CDA_SECTIONS = (
-    ("Диагноз", "<paragraph>Пневмония внебольничная, J18.9</paragraph>"),
-    (
-        "Лабораторные исследования",
-        "<table><tr><th>Тест</th><th>Результат</th></tr>"
-        "<tr><td>Гемоглобин</td><td>128 г/л</td></tr></table>"
-        "<list><item>СОЭ 12 мм/ч</item><item>Lymphocytes 30%</item></list>",
-    ),
+from tests.fixtures.documents import (
+    BILLION_LAUGHS,
+    CDA_SECTIONS,
+    DICOM_BYTES,
+    HTML_PAGE,
+    KOS_SOP_CLASS,
+    XXE,
+    make_cda,
+    make_dicom_meta,
+    make_pdf,
 )
-
-KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
-
-
-def make_dicom_meta(sop_class_uid: str = KOS_SOP_CLASS) -> bytes:
-    """A DICOM Part 10 preamble, DICM and a File Meta group (explicit VR little endian)."""
-
-    def element(elem: int, vr: bytes, value: bytes) -> bytes:
-        if len(value) % 2:
-            value += b"\x00"
-        head = b"\x02\x00" + elem.to_bytes(2, "little") + vr
-        if vr in (b"OB", b"UN"):
-            return head + b"\x00\x00" + len(value).to_bytes(4, "little") + value
-        return head + len(value).to_bytes(2, "little") + value
-
-    group = (
-        element(0x0001, b"OB", b"\x00\x01")
-        + element(0x0002, b"UI", sop_class_uid.encode())
-        + element(0x0003, b"UI", b"1.2.643.5.1.13.13.99.1")
-        + element(0x0010, b"UI", b"1.2.840.10008.1.2.1")
-    )
-    length = element(0x0000, b"UL", len(group).to_bytes(4, "little"))
-    # The data set after the meta group: (0008,0016) in explicit VR little endian.
-    return b"\x00" * 128 + b"DICM" + length + group + b"\x08\x00\x16\x00UI\x02\x001\x00"
-
-
-DICOM_BYTES = make_dicom_meta()
-
-HTML_PAGE = (
-    "<!DOCTYPE html><html><head><title>Заключение</title>"
-    "<style>body { color: red }</style><script>var secret = 'x';</script></head>"
-    "<body><h1>Рентгенография</h1><p>Очаговых теней нет &amp; норма.</p>"
-    "<script>alert('hidden')</script></body></html>"
-)
-
-BILLION_LAUGHS = (
-    b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n<!ENTITY lol "lol">\n'
-    + b"".join(
-        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">\n'.encode()
-        for i in range(1, 10)
-    )
-    + b']>\n<ClinicalDocument xmlns="urn:hl7-org:v3">&lol9;</ClinicalDocument>'
-)
-
-XXE = (
-    b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-    b'<ClinicalDocument xmlns="urn:hl7-org:v3"><title>&x;</title></ClinicalDocument>'
-)
-
 
 # --- sniff ---------------------------------------------------------------------------------
 
