@@ -292,19 +292,26 @@ def search_reindex() -> None:
     import orjson
     from rich.progress import Progress
 
-    from hie.fhir.indexing import FULLTEXT_TYPES, SearchIndexer, to_doc
+    from hie.fhir.indexing import FULLTEXT_TYPES, SearchIndexer
     from hie.hub.runtime import open_hub
 
     settings = _settings()
     hub = open_hub(settings)
     idx = hub.search_index
+    # documents with the text of their bodies, as the outbox worker indexes them
+    indexer = SearchIndexer(
+        hub.store,
+        lambda: idx,
+        blobs=lambda: hub.blobs,
+        max_body_bytes=settings.max_document_bytes,
+    )
     idx.clear()
     with Progress() as progress:
         for rtype in sorted(FULLTEXT_TYPES):
             task = progress.add_task(rtype, total=None)
             batch = []
             for stored in hub.store.iter_current(rtype):
-                batch.append(to_doc(orjson.loads(stored.content or b"{}")))
+                batch.append(indexer.document(orjson.loads(stored.content or b"{}")))
                 if len(batch) >= 500:
                     idx.upsert(batch)
                     progress.advance(task, len(batch))

@@ -26,6 +26,7 @@ from hie import __version__
 from hie.fhir.admin_api import admin_router
 from hie.fhir.api import FHIR_JSON, FhirApi, fhir_response
 from hie.fhir.audit_api import audit_router
+from hie.fhir.documents_api import documents_router
 from hie.fhir.indexing import SearchIndexer
 from hie.fhir.mpi_api import mpi_router
 from hie.fhir.service import FhirService, error_outcome, outcome
@@ -302,7 +303,16 @@ def background_work(hub: Hub) -> None:
     names = {c.name for c in hub.consumers}
     svc = FhirService(hub.store, hub.settings, trail=hub.audit)  # the hub's own writes
     if "search-index" not in names and hub.settings.search_url:
-        hub.add_consumers([SearchIndexer(hub.store, lambda: hub.search_index)])
+        hub.add_consumers(
+            [
+                SearchIndexer(
+                    hub.store,
+                    lambda: hub.search_index,
+                    blobs=lambda: hub.blobs,
+                    max_body_bytes=hub.settings.max_document_bytes,
+                )
+            ]
+        )
     if CriticalResultAlerts.name not in names:
         hub.add_consumers([CriticalResultAlerts(hub.store, svc, hub.settings)])
         hub.add_jobs([AlertEscalator(hub.store, svc, hub.settings)])
@@ -397,6 +407,7 @@ def create_app(
 
     app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
     app.include_router(audit_router(service, hub.audit, settings))
+    app.include_router(documents_router(service, settings))  # before /fhir/{rtype}/{id}
     app.include_router(admin_router(service, mpi, lambda: hub.rejected, settings))
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))

@@ -2,19 +2,42 @@
 
 Only types whose text is worth searching are indexed (documents, reports, conditions, …);
 high-volume coded data such as lab Observations is searched through the SQL index instead.
+
+A DocumentReference is indexed with the text of its bodies (IHE MHD: ``content.attachment.url``
+is ``Binary/<id>``, the bytes are in the blob store): each body is read from the blob store
+here, in the outbox worker, never in the request that published it, and its text extracted
+(:func:`hie.fhir.document_content.extract_text`). A body that cannot be read — encrypted or
+damaged PDF, missing blob, a type without text, larger than ``HIE_MAX_DOCUMENT_BYTES`` — never
+stops the worker: the document is indexed on its metadata, flagged ``indexable: ["false"]``
+with ``unindexable_kind`` / ``unindexable_reason``, logged and counted in
+``hie_document_bodies_unindexable_total``. See :func:`document_fields` for the filter fields.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import html
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import orjson
+from prometheus_client import Counter, Histogram
 
+from hie.fhir.document_content import MAX_TEXT_CHARS, extract_text, parse_media_type
+from hie.fhir.documents import BlobRef, Body, binary_id, bodies
+from hie.hub.blobs.port import BlobStore
+from hie.hub.errors import BlobNotFound, HieError, InvalidRequest, StorageError
+from hie.hub.logging import get_logger
 from hie.hub.search.port import IndexDoc, SearchIndex
 from hie.hub.store.port import OutboxEvent, ResourceStore
+
+log = get_logger("hie.indexing")
 
 FULLTEXT_TYPES = frozenset(
     {
@@ -31,6 +54,47 @@ FULLTEXT_TYPES = frozenset(
 )
 _SKIP_KEYS = {"reference", "system", "url", "id", "versionId", "lastUpdated", "data", "div"}
 _TAG = re.compile(r"<[^>]+>")
+
+#: What a body that was not indexed is, in a few words (the ``unindexable_kind`` field and the
+#: ``kind`` label of the counter; ``unindexable_reason`` has the details).
+UNINDEXABLE_KINDS: Final = (
+    "encrypted",  # a PDF that needs a user password
+    "unreadable",  # damaged PDF, XML that is not well-formed or is refused, undecodable text
+    "unsupported",  # a type with no text: DICOM, images, unknown binary data
+    "no-text",  # read, but no text in it (a scanned PDF without a text layer)
+    "too-large",  # larger than HIE_MAX_DOCUMENT_BYTES: not read at all
+    "missing",  # no Binary, or its blob is not in the blob store
+    "integrity",  # the blob's bytes do not match its SHA-256 key
+    "storage-error",  # the blob store failed while reading
+    "extractor-error",  # the text extractor failed (a bug: extract_text should never raise)
+)
+
+UNINDEXABLE = Counter(
+    "hie_document_bodies_unindexable_total",
+    "Document bodies indexed on metadata only, by why their text could not be read",
+    ["kind"],
+)
+BODIES = Counter("hie_document_bodies_indexed_total", "Document bodies whose text was indexed")
+EXTRACT_SECONDS = Histogram(
+    "hie_document_extract_seconds",
+    "Time to read one document body from the blob store and extract its text",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+#: The word every indexed DocumentReference's text contains (its ``resourceType``, which
+#: :func:`resource_text` keeps): a query for it finds every indexed document, which is how
+#: :func:`index_status` asks the index which documents it holds and which it flagged.
+PRESENCE_WORD: Final = "DocumentReference"
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
 
 
 def _strings(node: Any, key: str = "") -> Iterator[str]:
@@ -63,18 +127,25 @@ def _patient_of(res: dict[str, Any]) -> str | None:
     return None
 
 
-def to_doc(res: dict[str, Any], extra_text: str = "") -> IndexDoc:
-    """The index document for a resource."""
-    title = ""
+def to_doc(
+    res: dict[str, Any],
+    extra_text: str = "",
+    *,
+    title: str = "",
+    fields: dict[str, list[str]] | None = None,
+) -> IndexDoc:
+    """The index document for a resource (``extra_text``: its bodies' text; ``title``: used
+    when the resource names none; ``fields``: filter fields besides ``status``)."""
     for key in ("description", "title"):
-        if isinstance(res.get(key), str):
+        if isinstance(res.get(key), str) and res[key].strip():
             title = res[key]
             break
     if not title and isinstance(res.get("code"), dict):
         title = str(res["code"].get("text") or "")
-    fields: dict[str, list[str]] = {}
+    out: dict[str, list[str]] = {}
     if isinstance(res.get("status"), str):
-        fields["status"] = [res["status"]]
+        out["status"] = [res["status"]]
+    out.update(fields or {})
     text = resource_text(res)
     if extra_text:
         text = f"{text}\n{extra_text}"
@@ -84,19 +155,330 @@ def to_doc(res: dict[str, Any], extra_text: str = "") -> IndexDoc:
         text=text,
         title=title,
         patient=_patient_of(res),
-        fields=fields,
+        fields=out,
+        date=_document_date(res) if res["resourceType"] == "DocumentReference" else None,
     )
+
+
+# --- DocumentReference: filter fields --------------------------------------------------------
+
+
+def _codes(concepts: Any) -> list[str]:
+    """``code`` and ``system|code`` of every coding of one CodeableConcept or a list of them."""
+    out: list[str] = []
+    for cc in concepts if isinstance(concepts, list) else [concepts]:
+        for coding in (cc or {}).get("coding") or () if isinstance(cc, dict) else ():
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                code = coding["code"]
+                out.append(code)
+                if isinstance(coding.get("system"), str):
+                    out.append(f"{coding['system']}|{code}")
+    return list(dict.fromkeys(out))
+
+
+def _refs(values: Any) -> list[str]:
+    """The ``reference`` strings of one Reference or a list of them."""
+    items = values if isinstance(values, list) else [values]
+    return [
+        v["reference"] for v in items if isinstance(v, dict) and isinstance(v.get("reference"), str)
+    ]
+
+
+def _document_date(res: dict[str, Any]) -> datetime | None:
+    """When the document was made: ``date``, else the start of ``context.period`` (UTC)."""
+    context = _obj(res.get("context"))
+    period = _obj(context.get("period"))
+    for value in (res.get("date"), period.get("start")):
+        if isinstance(value, str) and value:
+            try:
+                when = datetime.fromisoformat(value if len(value) > 10 else value[:10])
+            except ValueError:
+                continue
+            return when if when.tzinfo else when.replace(tzinfo=UTC)
+    return None
+
+
+def document_fields(res: dict[str, Any]) -> dict[str, list[str]]:
+    """Exact-match filter fields of a DocumentReference (ITI-67-like filters, the timeline).
+
+    ``ref`` (``DocumentReference/<id>``: lets a search be restricted to the documents a caller
+    may see), ``status``, ``docStatus``, ``type`` and ``category`` (each coding as ``code`` and
+    ``system|code``), ``format``, ``content_type``, ``facility``, ``author`` (every author
+    reference), ``custodian``, ``org`` (the Organization references among author and
+    custodian), ``encounter`` and ``date`` (``YYYY-MM-DD`` as written).
+    """
+    fields: dict[str, list[str]] = {"ref": [f"DocumentReference/{res['id']}"]}
+    if isinstance(res.get("docStatus"), str):
+        fields["docStatus"] = [res["docStatus"]]
+    context = _obj(res.get("context"))
+    contents = [c for c in res.get("content") or () if isinstance(c, dict)]
+    attachments = [c.get("attachment") or {} for c in contents]
+    types = [
+        parse_media_type(a["contentType"])[0]
+        for a in attachments
+        if isinstance(a, dict) and isinstance(a.get("contentType"), str)
+    ]
+    author = _refs(res.get("author"))
+    custodian = _refs(res.get("custodian"))
+    date = res.get("date")
+    candidates = {
+        "type": _codes(res.get("type")),
+        "category": _codes(res.get("category")),
+        "format": list(
+            dict.fromkeys(
+                f["code"]
+                for c in contents
+                if isinstance(f := c.get("format"), dict) and isinstance(f.get("code"), str)
+            )
+        ),
+        "content_type": list(dict.fromkeys(t for t in types if t)),
+        "facility": _codes(context.get("facilityType")),
+        "author": author,
+        "custodian": custodian,
+        "org": list(dict.fromkeys(r for r in author + custodian if r.startswith("Organization/"))),
+        "encounter": _refs(context.get("encounter")),
+        "date": [date[:10]] if isinstance(date, str) and len(date) >= 10 else [],
+    }
+    fields.update({k: v for k, v in candidates.items() if v})
+    return fields
+
+
+# --- DocumentReference: bodies ---------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+    """A body whose text is not indexed: ``kind`` (one of :data:`UNINDEXABLE_KINDS`), why."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class BodiesText:
+    """What the bodies of one document gave: their text, a title, and what went wrong."""
+
+    text: str = ""
+    title: str | None = None
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (kind, reason)
+    truncated: bool = False
+    read: int = 0  # bodies whose text was indexed
+
+    def fields(self) -> dict[str, list[str]]:
+        """The ``indexable`` flag fields for the index document."""
+        out = {"indexable": ["false" if self.problems else "true"]}
+        if self.problems:
+            out["unindexable_kind"] = list(dict.fromkeys(k for k, _ in self.problems))
+            out["unindexable_reason"] = list(dict.fromkeys(r for _, r in self.problems))
+        if self.truncated:
+            out["truncated"] = ["true"]
+        return out
+
+
+def _kind_of(reason: str | None) -> str:
+    """The :data:`UNINDEXABLE_KINDS` entry for an :class:`Extracted` reason."""
+    reason = reason or ""
+    if reason == "encrypted":
+        return "encrypted"
+    if reason.startswith(("no text extractor", "DICOM")):
+        return "unsupported"
+    return "unreadable"
+
+
+class BodyReader:
+    """Reads document bodies from the blob store and extracts their text, within a size limit.
+
+    ``max_bytes`` bounds memory: a body declared (or found while streaming) larger than that
+    is not read and is reported ``too-large``. Every failure is reported, never raised.
+    """
+
+    def __init__(self, blobs: Callable[[], BlobStore], max_bytes: int) -> None:
+        self.blobs = blobs
+        self.max_bytes = max_bytes
+
+    def read(self, store: ResourceStore, res: dict[str, Any]) -> BodiesText:
+        """The text of every body of DocumentReference ``res``, and what could not be read."""
+        out = BodiesText()
+        stored = {b.binary_id: b for b in bodies(store, res)}
+        parts: list[str] = []
+        size = 0
+        for i, content in enumerate(res.get("content") or ()):
+            attachment = (content or {}).get("attachment") if isinstance(content, dict) else None
+            if not isinstance(attachment, dict):
+                continue
+            declared = attachment.get("contentType")
+            declared = declared if isinstance(declared, str) else ""
+            bid = binary_id(attachment.get("url"))
+            where = f"Binary/{bid}" if bid else f"content[{i}]"
+            started = time.perf_counter()
+            try:
+                if bid is not None:
+                    body = stored.get(bid)
+                    if body is None:
+                        raise _Unreadable("missing", f"{where}: no stored Binary with a body")
+                    data = self._blob(body)
+                    ctype = body.content_type or declared
+                elif isinstance(attachment.get("data"), str):
+                    data = self._inline(attachment["data"])
+                    ctype = declared
+                else:
+                    raise _Unreadable("missing", f"{where}: the body is not stored in the hub")
+                try:
+                    got = extract_text(data, ctype)
+                except Exception as exc:  # noqa: BLE001 - one body must not stop the worker
+                    raise _Unreadable("extractor-error", f"{type(exc).__name__}: {exc}") from exc
+                del data
+                if not got.indexable:
+                    raise _Unreadable(_kind_of(got.reason), got.reason or "not indexable")
+                if not got.text.strip():
+                    raise _Unreadable("no-text", "no text in the body (a scan without text?)")
+            except _Unreadable as bad:
+                reason = bad.reason if bad.reason.startswith(where) else f"{where}: {bad.reason}"
+                out.problems.append((bad.kind, reason[:500]))
+                UNINDEXABLE.labels(bad.kind).inc()
+                log.warning(
+                    "document.body.unindexable",
+                    document=f"DocumentReference/{res.get('id')}",
+                    body=where,
+                    kind=bad.kind,
+                    reason=reason[:500],
+                )
+                continue
+            finally:
+                EXTRACT_SECONDS.observe(time.perf_counter() - started)
+            BODIES.inc()
+            out.read += 1
+            out.title = out.title or got.title
+            out.truncated = out.truncated or got.truncated
+            room = MAX_TEXT_CHARS - size
+            if room <= 0:
+                out.truncated = True
+                continue
+            text = got.text[:room]
+            out.truncated = out.truncated or len(text) < len(got.text)
+            parts.append(text)
+            size += len(text)
+        out.text = "\n\n".join(parts)
+        return out
+
+    def _blob(self, body: Body) -> bytes:
+        """The bytes of a stored body, checked against its SHA-256 key, within the limit."""
+        ref: BlobRef = body.blob
+        if ref.size > self.max_bytes:
+            raise _Unreadable(
+                "too-large", f"{ref.size} bytes is over the {self.max_bytes}-byte limit"
+            )
+        digest = hashlib.sha256()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            stream = self.blobs().open(ref.key)
+        except BlobNotFound:
+            raise _Unreadable("missing", f"blob {ref.key} is not in the blob store") from None
+        except InvalidRequest as exc:
+            raise _Unreadable("missing", exc.message) from None
+        except StorageError:
+            raise  # an outage: the worker retries the batch later, nothing is flagged
+        except Exception as exc:  # noqa: BLE001 - a failing store must not stop the worker
+            raise _Unreadable("storage-error", _describe(exc)) from exc
+        try:
+            for chunk in stream:
+                size += len(chunk)
+                if size > self.max_bytes:  # the store holds more than the Binary says
+                    raise _Unreadable(
+                        "too-large", f"more than the {self.max_bytes}-byte limit in the store"
+                    )
+                digest.update(chunk)
+                chunks.append(chunk)
+        except (_Unreadable, StorageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise _Unreadable("storage-error", _describe(exc)) from exc
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        if digest.hexdigest() != ref.key:
+            raise _Unreadable("integrity", f"blob {ref.key}: the bytes do not match the key")
+        return b"".join(chunks)
+
+    def _inline(self, data: str) -> bytes:
+        """An ``attachment.data`` body (documents stored before the blob store)."""
+        if len(data) * 3 // 4 > self.max_bytes:
+            raise _Unreadable("too-large", f"inline data is over the {self.max_bytes}-byte limit")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _Unreadable("unreadable", "attachment.data is not valid base64") from None
+
+
+def _describe(exc: Exception) -> str:
+    message = exc.message if isinstance(exc, HieError) else str(exc)
+    return f"{type(exc).__name__}: {message}"[:300]
+
+
+def _document_title(res: dict[str, Any], body_title: str | None) -> str:
+    """A title for a document without ``description``: its body's, its type's, its file's."""
+    if body_title:
+        return body_title
+    doc_type = _obj(res.get("type"))
+    for coding in doc_type.get("coding") or ():
+        if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+            return str(coding["display"])
+    if isinstance(doc_type.get("text"), str):
+        return str(doc_type["text"])
+    for content in res.get("content") or ():
+        title = ((content or {}).get("attachment") or {}).get("title")
+        if isinstance(title, str) and title:
+            return title
+    return ""
+
+
+# --- the consumer ----------------------------------------------------------------------------
+
+
+def _security_context(binary: dict[str, Any]) -> str | None:
+    """The DocumentReference id a Binary belongs to (``securityContext``), if it names one."""
+    ref = (binary.get("securityContext") or {}).get("reference")
+    if isinstance(ref, str) and ref.startswith("DocumentReference/"):
+        return ref.removeprefix("DocumentReference/") or None
+    return None
 
 
 class SearchIndexer:
     """Indexes created/updated resources and removes deleted ones (idempotent by design:
-    an upsert of the current version is the same however often it runs)."""
+    an upsert of the current version is the same however often it runs).
+
+    ``blobs``: the blob store, for the text of document bodies (without it, documents are
+    indexed on their metadata and not flagged). ``max_body_bytes``: bodies larger than this
+    are not read (``HIE_MAX_DOCUMENT_BYTES``).
+    """
 
     name = "search-index"
 
-    def __init__(self, store: ResourceStore, index: Callable[[], SearchIndex]) -> None:
+    def __init__(
+        self,
+        store: ResourceStore,
+        index: Callable[[], SearchIndex],
+        *,
+        blobs: Callable[[], BlobStore] | None = None,
+        max_body_bytes: int = 64 << 20,
+    ) -> None:
         self.store = store
         self.index = index
+        self.reader = BodyReader(blobs, max_body_bytes) if blobs is not None else None
+
+    def document(self, res: dict[str, Any]) -> IndexDoc:
+        """The index document for a current resource (a document's bodies read and extracted)."""
+        if res.get("resourceType") != "DocumentReference":
+            return to_doc(res)
+        fields = document_fields(res)
+        if self.reader is None:
+            return to_doc(res, fields=fields, title=_document_title(res, None))
+        got = self.reader.read(self.store, res)
+        fields.update(got.fields())
+        return to_doc(res, got.text, title=_document_title(res, got.title), fields=fields)
 
     def handle(self, events: Sequence[OutboxEvent]) -> None:
         """Bring the index in line with the current state of every resource in ``events``."""
@@ -105,19 +487,73 @@ class SearchIndexer:
                 (e.resource_type, e.id) for e in events if e.resource_type in FULLTEXT_TYPES
             )
         )
+        binaries = list(
+            dict.fromkeys(("Binary", e.id) for e in events if e.resource_type == "Binary")
+        )
+        if binaries and self.reader is not None:
+            # a body replaced after its DocumentReference was indexed: index the document again
+            for stored in self.store.read_many(binaries):
+                doc_id = _security_context(orjson.loads(stored.content)) if stored.content else None
+                if doc_id is not None and ("DocumentReference", doc_id) not in refs:
+                    refs.append(("DocumentReference", doc_id))
         if not refs:
             return
         current = {(r.resource_type, r.id): r for r in self.store.read_many(refs)}
         docs, gone = [], []
         for ref in refs:
-            stored = current.get(ref)
-            if stored is None or stored.content is None:
+            found = current.get(ref)
+            if found is None or found.content is None:
                 gone.append(f"{ref[0]}/{ref[1]}")
             else:
-                docs.append(to_doc(orjson.loads(stored.content)))
+                docs.append(self.document(orjson.loads(found.content)))
         idx = self.index()
         if gone:
             idx.delete(gone)
         if docs:
             idx.upsert(docs)
         idx.commit()
+
+
+# --- what the index knows about documents ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IndexStatus:
+    """Which of some documents the index holds, and which of those it flagged not indexable."""
+
+    indexed: frozenset[str]
+    unindexable: frozenset[str]
+
+    def indexable(self, doc_id: str) -> bool | None:
+        """True / False for an indexed document, None when the index does not hold it (yet)."""
+        if doc_id in self.unindexable:
+            return False
+        return True if doc_id in self.indexed else None
+
+
+def index_status(
+    index: SearchIndex, doc_ids: Sequence[str], patients: Sequence[str]
+) -> IndexStatus:
+    """Ask the index which of the DocumentReferences ``doc_ids`` (of ``patients``, "Patient/x")
+    it holds and which it flagged; two cheap queries per patient, no text read."""
+    wanted = set(doc_ids)
+    if not wanted:
+        return IndexStatus(frozenset(), frozenset())
+    indexed: set[str] = set()
+    for patient in patients:
+        for hit in index.ids_matching(PRESENCE_WORD, "DocumentReference", patient):
+            rid = hit.removeprefix("DocumentReference/")
+            if rid in wanted:
+                indexed.add(rid)
+    flagged: set[str] = set()
+    refs = [f"DocumentReference/{i}" for i in sorted(indexed)]
+    for start in range(0, len(refs), 1000):
+        chunk = refs[start : start + 1000]
+        found = index.search(
+            PRESENCE_WORD,
+            resource_type="DocumentReference",
+            filters={"ref": chunk, "indexable": ["false"]},
+            limit=len(chunk),
+        )
+        flagged.update(h.id.removeprefix("DocumentReference/") for h in found.hits)
+    return IndexStatus(frozenset(indexed), frozenset(flagged))
