@@ -144,17 +144,31 @@ def search_text(svc: FhirService, items: Sequence[tuple[str, str]], base: str) -
         # the store has the last word on whose document it is (the index may lag behind)
         conds.append(ReferenceCond("patient", "Patient", params.patient, expand=True))
         note_access(patients=[params.patient])
-    if params.status:
-        conds.append(AnyOf(tuple(TokenCond("status", None, s) for s in params.status)))
+    # as ITI-67: the current documents unless the client names statuses
+    statuses = params.status or ("current",)
+    conds.append(AnyOf(tuple(TokenCond("status", None, s) for s in statuses)))
     index = svc.search_index()
-    candidates: dict[str, None] = {}
-    for member in members:
-        patient = f"Patient/{member}" if member is not None else None
-        for rid in index.ids_matching(params.q, "DocumentReference", patient, limit=MAX_WINDOW):
-            candidates[rid.removeprefix("DocumentReference/")] = None
-    visible = visible_documents(svc.store, list(candidates), conds)
-    total, entries, page = 0, [], []
-    if visible:
+    entries: list[Json] = []
+    page: list[StoredResource] = []
+    if not grant.restricted and params.patient is None:
+        # nothing to hide: the index ranks and pages on its own, the store reads the page
+        found = index.search(
+            params.q,
+            resource_type="DocumentReference",
+            filters={"status": list(statuses)},
+            limit=params.count,
+            offset=params.offset,
+        )
+        refs = [("DocumentReference", h.id.removeprefix("DocumentReference/")) for h in found.hits]
+        visible = {r.id: r for r in svc.store.read_many(refs)}
+    else:
+        candidates: dict[str, None] = {}
+        for member in members:
+            patient = f"Patient/{member}" if member is not None else None
+            hits = index.ids_matching(params.q, "DocumentReference", patient, limit=MAX_WINDOW)
+            for rid in hits:
+                candidates[rid.removeprefix("DocumentReference/")] = None
+        visible = visible_documents(svc.store, list(candidates), conds)
         found = index.search(
             params.q,
             resource_type="DocumentReference",
@@ -162,23 +176,23 @@ def search_text(svc: FhirService, items: Sequence[tuple[str, str]], base: str) -
             limit=params.count,
             offset=params.offset,
         )
-        total = found.total
-        for hit in found.hits:
-            doc = visible.get(hit.id.removeprefix("DocumentReference/"))
-            if doc is None:
-                continue
-            page.append(doc)
-            entries.append(
-                {
-                    "fullUrl": f"{base}/DocumentReference/{doc.id}",
-                    "resource": orjson.Fragment(doc.content or b"{}"),
-                    "search": {
-                        "extension": [{"url": SNIPPET_EXTENSION, "valueString": hit.snippet}],
-                        "mode": "match",
-                        "score": round(hit.score, 6),
-                    },
-                }
-            )
+    total = found.total
+    for hit in found.hits:
+        doc = visible.get(hit.id.removeprefix("DocumentReference/"))
+        if doc is None:  # deleted since it was indexed
+            continue
+        page.append(doc)
+        entries.append(
+            {
+                "fullUrl": f"{base}/DocumentReference/{doc.id}",
+                "resource": orjson.Fragment(doc.content or b"{}"),
+                "search": {
+                    "extension": [{"url": SNIPPET_EXTENSION, "valueString": hit.snippet}],
+                    "mode": "match",
+                    "score": round(hit.score, 6),
+                },
+            }
+        )
     note_access(
         entities=[f"DocumentReference/{r.id}" for r in page], patients=subject_patients(page)
     )
