@@ -44,7 +44,7 @@ def _settings() -> Settings:
 def serve(
     migrate: Annotated[bool, typer.Option(help="Apply database migrations first.")] = True,
 ) -> None:
-    """Run the HTTP API, the MLLP listener (HL7 v2) and the outbox worker (DICOM comes later).
+    """Run the HTTP API, the MLLP listener (HL7 v2), the DICOM listener and the outbox worker.
 
     With ``HIE_HTTP_WORKERS`` > 1 the HTTP API runs in that many processes (validation is
     CPU-bound and Python has one core per process); this process keeps the outbox worker.
@@ -53,6 +53,7 @@ def serve(
 
     import uvicorn
 
+    from hie.adapters.dicom import start_dicom
     from hie.adapters.hl7_listener import start_mllp
     from hie.fhir.app import background_work, create_app
     from hie.hub.runtime import open_hub
@@ -82,6 +83,11 @@ def serve(
     mllp = start_mllp(hub)
     if mllp is not None:
         typer.echo(f"  MLLP      {settings.mllp_host}:{mllp.port} (HL7 v2)", err=True)
+    dicom = start_dicom(hub)
+    if dicom is not None:
+        typer.echo(
+            f"  DICOM     {settings.dicom_host}:{dicom.port} (AE title {dicom.ae_title})", err=True
+        )
     try:
         if settings.http_port == 0:
             typer.echo("HIE_HTTP_PORT=0: HTTP listener disabled", err=True)
@@ -101,6 +107,8 @@ def serve(
             **options,  # type: ignore[arg-type]
         )
     finally:
+        if dicom is not None:
+            dicom.stop()
         if mllp is not None:
             mllp.stop()
         hub.close()

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     )
     dicom_port: int = 11112
     dicom_ae_title: str = "HUB"
+    dicom_host: str = Field(default="127.0.0.1", description="DICOM listen address")
+    dicom_timeout_seconds: float = Field(
+        default=30.0,
+        description="a DICOM association silent (or stalled mid-transfer) this long is aborted",
+    )
+    dicom_max_associations: int = Field(default=32, description="concurrent DICOM associations")
     database_url: str = ""
     blob_url: str = ""
     search_url: str = "embedded"

@@ -1,0 +1,365 @@
+"""DICOM Part 10 files from received datasets, and the attributes the archive files them by.
+
+The archive keeps each instance as the bytes it arrived in: the dataset exactly as the sender
+encoded it in the negotiated transfer syntax, behind a File Meta Information header the hub
+writes (PS3.10 7.1). The header depends only on the SOP Class, SOP Instance and transfer
+syntax, so the same dataset sent twice makes the same file and the same blob key.
+
+pydicom reads a truncated dataset without complaint (it stops where the bytes stop), so
+:func:`check_dataset` walks the encoding itself first: every element's length must fit, every
+undefined-length sequence and item must end with its delimiter, and nothing may follow the
+last element. Only then is the header parsed (:func:`read_header`, up to the pixel data).
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from hie.pacs.errors import InstanceMismatch, UnreadableInstance
+
+# The hub's Implementation Class UID (PS3.7 D.3.3.2): a UUID-derived UID (PS3.5 B.2).
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_DNS, 'hie.spb.ru/pacs').int}"
+IMPLEMENTATION_VERSION_NAME = "HIE_HUB_01"
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQUENCE_END = 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, _PIXEL_DATA})  # float, double, pixel data
+# PS3.5 Table 6.2-1: the value representations
+_VRS = frozenset(
+    x.encode()
+    for x in (
+        "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI"
+        " UL UN UR US UT UV"
+    ).split()
+)
+# PS3.5 7.1.2: VRs with a 2-byte reserved field and a 4-byte length in explicit VR
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+# --- the encoding ------------------------------------------------------------------------
+
+
+class _Walker:
+    """Walks a dataset's elements by their encoded lengths (PS3.5 7.1, 7.5, A.4)."""
+
+    def __init__(self, raw: bytes, implicit: bool, little: bool) -> None:
+        self.raw = raw
+        self.implicit = implicit
+        self.tag = struct.Struct("<HH" if little else ">HH")
+        self.u16 = struct.Struct("<H" if little else ">H")
+        self.u32 = struct.Struct("<I" if little else ">I")
+        self.pixels = False  # a top-level (float, double) pixel data element was seen
+
+    def _header(self, pos: int, end: int) -> tuple[int, int]:
+        if pos + 8 > end:
+            raise UnreadableInstance(f"the dataset ends inside an element header (byte {pos})")
+        group, elem = self.tag.unpack_from(self.raw, pos)
+        return group << 16 | elem, self.u32.unpack_from(self.raw, pos + 4)[0]
+
+    def elements(self, pos: int, end: int, delimiter: int | None, implicit: bool) -> int:
+        """Skip elements from ``pos``; stop at ``end`` or after ``delimiter``."""
+        raw = self.raw
+        while pos < end:
+            tag, length = self._header(pos, end)
+            if tag in (_ITEM_END, _SEQUENCE_END):
+                if tag != delimiter:
+                    raise UnreadableInstance(f"an unexpected delimiter at byte {pos}")
+                return pos + 8
+            vr = b""
+            if implicit:
+                pos += 8
+            else:
+                vr = raw[pos + 4 : pos + 6]
+                if vr not in _VRS:
+                    raise UnreadableInstance(f"no valid VR at byte {pos + 4}")
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise UnreadableInstance("the dataset ends inside an element header")
+                    length = self.u32.unpack_from(raw, pos + 8)[0]
+                    pos += 12
+                else:
+                    length = self.u16.unpack_from(raw, pos + 6)[0]
+                    pos += 8
+            if delimiter is None and tag in _PIXEL_TAGS:
+                self.pixels = True
+            if length == _UNDEFINED:
+                if tag == _PIXEL_DATA:
+                    pos = self.items(pos, end, fragments=True, implicit=implicit)
+                elif implicit or vr in (b"SQ", b"UN"):
+                    # an undefined-length UN holds an implicit VR sequence (PS3.5 6.2.2)
+                    pos = self.items(pos, end, fragments=False, implicit=implicit or vr == b"UN")
+                else:
+                    raise UnreadableInstance(f"undefined length on a {vr.decode()} element")
+            elif pos + length > end:
+                raise UnreadableInstance(
+                    f"an element of {length} bytes runs past the end of the dataset"
+                )
+            else:
+                pos += length
+        if delimiter is not None:
+            raise UnreadableInstance("a sequence item ends without its delimiter")
+        return pos
+
+    def items(self, pos: int, end: int, *, fragments: bool, implicit: bool) -> int:
+        """Skip the items of an undefined-length sequence (or encapsulated pixel data)."""
+        while True:
+            if pos + 8 > end:
+                raise UnreadableInstance("a sequence ends without its delimiter (truncated)")
+            tag, length = self._header(pos, end)
+            pos += 8
+            if tag == _SEQUENCE_END:
+                return pos
+            if tag != _ITEM:
+                raise UnreadableInstance(f"expected a sequence item at byte {pos - 8}")
+            if length == _UNDEFINED:
+                if fragments:
+                    raise UnreadableInstance("a pixel data fragment of undefined length")
+                pos = self.elements(pos, end, _ITEM_END, implicit)
+            elif pos + length > end:
+                raise UnreadableInstance("a sequence item runs past the end of the dataset")
+            else:
+                pos += length
+
+
+def check_dataset(raw: bytes, transfer_syntax: str) -> bool:
+    """Raise :class:`UnreadableInstance` unless ``raw`` is one complete dataset encoded in
+    ``transfer_syntax`` (every length fits, every delimiter is there, nothing trails).
+    Returns whether it has pixel data (a cut that happens to fall between two elements
+    leaves a well-formed dataset: an image without its pixels tells it apart)."""
+    if not raw:
+        raise UnreadableInstance("the dataset is empty")
+    ts = UID(transfer_syntax)
+    try:
+        deflated, implicit, little = ts.is_deflated, ts.is_implicit_VR, ts.is_little_endian
+    except ValueError as exc:  # not a transfer syntax pydicom knows
+        raise UnreadableInstance(f"unknown transfer syntax {transfer_syntax}") from exc
+    if deflated:
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            raw = inflate.decompress(raw) + inflate.flush()
+        except zlib.error as exc:
+            raise UnreadableInstance("the deflated dataset does not inflate") from exc
+        if not inflate.eof:
+            raise UnreadableInstance("the deflated dataset is truncated")
+    walker = _Walker(raw, implicit, little)
+    end = walker.elements(0, len(raw), None, implicit)
+    if end != len(raw):  # pragma: no cover - elements() consumes to the end or raises
+        raise UnreadableInstance("bytes follow the last element")
+    return walker.pixels
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1) for a dataset."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out = BytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+def read_header(p10: bytes) -> Dataset:
+    """The dataset of a Part 10 file up to its pixel data (:class:`UnreadableInstance` if
+    pydicom cannot read it)."""
+    try:
+        ds = dcmread(BytesIO(p10), stop_before_pixels=True)
+        ds.ensure_file_meta()
+        return ds
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+        raise UnreadableInstance(f"the dataset cannot be parsed ({type(exc).__name__})") from exc
+
+
+# --- the attributes the archive files an instance by -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PatientName:
+    """(0010,0010) split into its components (alphabetic group; PS3.5 6.2.1.1)."""
+
+    text: str = ""
+    family: str = ""
+    given: str = ""
+    middle: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What the archive reads from an instance (values as DICOM encodes them, stripped)."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    issuer: str = ""  # (0010,0021)
+    issuer_universal: str = ""  # (0010,0024) > (0040,0032) Universal Entity ID
+    other_ids: tuple[tuple[str, str], ...] = ()  # (0010,1002): (Patient ID, Issuer)
+    name: PatientName = field(default_factory=PatientName)
+    birth_date: str = ""
+    sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring: str = ""
+    timezone_offset: str = ""  # (0008,0201) ±HHMM
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int | None = None
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
+        value = "\\".join(str(v) for v in value)  # a multi-valued string
+    return str(value).strip().strip("\x00").strip()[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if not isinstance(value, int | str | float) and hasattr(value, "__iter__"):
+            value = next(iter(value))
+        number = int(str(value).strip())
+    except (ValueError, TypeError, StopIteration):
+        return None
+    return number if -(2**31) < number < 2**31 else None
+
+
+def _is_uid(value: str) -> bool:
+    """PS3.5 9.1: digits and dots, at most 64 characters, no empty component."""
+    return 0 < len(value) <= 64 and all(p.isdigit() and p.isascii() for p in value.split("."))
+
+
+def _name(ds: Dataset) -> PatientName:
+    pn: Any = ds.get("PatientName")
+    if pn is None or str(pn).strip() == "":
+        return PatientName()
+    text = str(pn).split("=", 1)[0].strip()
+    parts = [p.strip() for p in text.split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    readable = " ".join(p for p in (family, given, middle) if p)
+    return PatientName(readable[:324], family, given, middle, prefix, suffix)
+
+
+def _other_ids(ds: Dataset) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    for item in ds.get("OtherPatientIDsSequence") or []:
+        pid = _text(item, "PatientID")
+        if pid:
+            out.append((pid, _text(item, "IssuerOfPatientID")))
+    return tuple(out)
+
+
+def check_pixels(ds: Dataset, has_pixels: bool) -> None:
+    """An image (Rows and Columns, PS3.3 C.7.6.3) must carry its pixel data or say where it
+    is (Pixel Data Provider URL): otherwise the dataset was cut short."""
+    if has_pixels or "PixelDataProviderURL" in ds:
+        return
+    if ds.get("Rows") and ds.get("Columns"):
+        raise UnreadableInstance("an image without its pixel data: the dataset was cut short")
+
+
+def header_of(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Header:
+    """The filing attributes of ``ds``, checked against the C-STORE request's Affected SOP
+    Class and Instance UIDs (:class:`InstanceMismatch` for what is missing or disagrees)."""
+    try:
+        return _header_of(ds, sop_class_uid, sop_instance_uid)
+    except (ValueError, TypeError, KeyError, LookupError) as exc:  # deferred decoding errors
+        raise UnreadableInstance(f"an attribute cannot be decoded ({type(exc).__name__})") from exc
+
+
+def _header_of(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Header:
+    uids = {
+        "SOPClassUID": _text(ds, "SOPClassUID"),
+        "SOPInstanceUID": _text(ds, "SOPInstanceUID"),
+        "StudyInstanceUID": _text(ds, "StudyInstanceUID"),
+        "SeriesInstanceUID": _text(ds, "SeriesInstanceUID"),
+    }
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        raise InstanceMismatch(f"the dataset has no {', '.join(missing)}")
+    bad = [k for k, v in uids.items() if not _is_uid(v)]
+    if bad:
+        raise InstanceMismatch(f"{', '.join(bad)} is not a valid UID (PS3.5 9.1)")
+    if uids["SOPInstanceUID"] != sop_instance_uid.strip("\x00 "):
+        raise InstanceMismatch(
+            "SOP Instance UID (0008,0018) differs from the request's Affected SOP Instance UID"
+        )
+    if uids["SOPClassUID"] != sop_class_uid.strip("\x00 "):
+        raise InstanceMismatch(
+            "SOP Class UID (0008,0016) differs from the request's Affected SOP Class UID"
+        )
+    patient_id = _text(ds, "PatientID")
+    if not patient_id:
+        raise InstanceMismatch(
+            "Patient ID (0010,0020) is empty: the archive files every instance under the "
+            "sending MO's patient"
+        )
+    qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence") or []
+    universal = _text(qualifiers[0], "UniversalEntityID") if len(qualifiers) else ""
+    return Header(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        patient_id=patient_id,
+        issuer=_text(ds, "IssuerOfPatientID"),
+        issuer_universal=universal,
+        other_ids=_other_ids(ds),
+        name=_name(ds),
+        birth_date=_text(ds, "PatientBirthDate", 8),
+        sex=_text(ds, "PatientSex", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_time=_text(ds, "StudyTime", 16),
+        accession=_text(ds, "AccessionNumber", 16),
+        study_id=_text(ds, "StudyID", 16),
+        study_description=_text(ds, "StudyDescription"),
+        referring=_text(ds, "ReferringPhysicianName", 324).split("=", 1)[0],
+        timezone_offset=_text(ds, "TimezoneOffsetFromUTC", 5),
+        modality=_text(ds, "Modality", 16),
+        series_number=_int(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        series_date=_text(ds, "SeriesDate", 8),
+        series_time=_text(ds, "SeriesTime", 16),
+        instance_number=_int(ds, "InstanceNumber"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=_int(ds, "NumberOfFrames"),
+    )
