@@ -56,6 +56,7 @@ from fhir_store import AUTH, hub_server, pct  # noqa: E402
 from hie.demo.documents import cda_bytes, clinical_document, pdf_bytes  # noqa: E402
 from hie.hub.auth import DevTokenIssuer  # noqa: E402
 from hie.hub.settings import load_settings  # noqa: E402
+from tests.fixtures.documents import submission_set  # noqa: E402
 from tests.fixtures.labs import GP, GP_PATIENTS, as_transaction, lab_registry  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "documents.jsonl"
@@ -146,22 +147,7 @@ def bundle(i: int, patient: int, ctype: str, body: bytes, meta: dict[str, str]) 
         "description": meta["title"],
         "content": [{"attachment": {"contentType": ctype, "url": "urn:uuid:b"}}],
     }
-    listing = {
-        "resourceType": "List",
-        "status": "current",
-        "mode": "working",
-        "code": {
-            "coding": [
-                {
-                    "system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes",
-                    "code": "submissionset",
-                }
-            ]
-        },
-        "subject": {"reference": "urn:uuid:p"},
-        "source": {"reference": f"Organization/{GP}"},
-        "entry": [{"item": {"reference": "urn:uuid:d"}}],
-    }
+    listing = submission_set("urn:uuid:p", GP, ["urn:uuid:d"])
     binary = {
         "resourceType": "Binary",
         "contentType": ctype,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.auth import bearer
-from tests.fixtures.documents import make_cda, make_pdf
+from tests.fixtures.documents import make_cda, make_pdf, submission_set
 from tests.fixtures.labs import GP, GP_PATIENTS, LAB, as_transaction, lab_registry
 from tests.fixtures.records import FJ, encounter, golden_id
 
@@ -82,22 +82,7 @@ def provide_bundle(
     entries.append(
         {
             "fullUrl": "urn:uuid:ss",
-            "resource": {
-                "resourceType": "List",
-                "status": "current",
-                "mode": "working",
-                "code": {
-                    "coding": [
-                        {
-                            "system": "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes",
-                            "code": "submissionset",
-                        }
-                    ]
-                },
-                "subject": {"reference": "urn:uuid:patient"},
-                "source": {"reference": f"Organization/{GP}"},
-                "entry": [{"item": {"reference": "urn:uuid:doc"}}],
-            },
+            "resource": submission_set("urn:uuid:patient", GP, ["urn:uuid:doc"]),
             "request": {"method": "POST", "url": "List"},
         }
     )
