@@ -187,8 +187,9 @@ class DocumentIntake:
 
         info = self.blobs().put(feed(), max_bytes=self.max_bytes)
         ref = BlobRef(info.key, info.size, base64.b64encode(sha1.digest()).decode())
-        whole = keep_whole and isinstance(source, bytes)
-        return Staged(ref, source if whole and isinstance(source, bytes) else bytes(head), whole)
+        if keep_whole and isinstance(source, bytes):
+            return Staged(ref, source, whole=True)
+        return Staged(ref, bytes(head), whole=False)
 
     def put_base64(self, data: object, where: str) -> Staged:
         """Decode an inline base64 body and store it."""

@@ -30,7 +30,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 
 from hie.fhir.document_content import MAX_TEXT_CHARS, extract_text, parse_media_type
-from hie.fhir.documents import BlobRef, Body, binary_id, bodies
+from hie.fhir.documents import BlobRef, Body, binary_id, bodies, security_context
 from hie.hub.blobs.port import BlobStore
 from hie.hub.errors import BlobNotFound, HieError, InvalidRequest, StorageError
 from hie.hub.logging import get_logger
@@ -438,14 +438,6 @@ def _document_title(res: dict[str, Any], body_title: str | None) -> str:
 # --- the consumer ----------------------------------------------------------------------------
 
 
-def _security_context(binary: dict[str, Any]) -> str | None:
-    """The DocumentReference id a Binary belongs to (``securityContext``), if it names one."""
-    ref = (binary.get("securityContext") or {}).get("reference")
-    if isinstance(ref, str) and ref.startswith("DocumentReference/"):
-        return ref.removeprefix("DocumentReference/") or None
-    return None
-
-
 class SearchIndexer:
     """Indexes created/updated resources and removes deleted ones (idempotent by design:
     an upsert of the current version is the same however often it runs).
@@ -493,9 +485,13 @@ class SearchIndexer:
         if binaries and self.reader is not None:
             # a body replaced after its DocumentReference was indexed: index the document again
             for stored in self.store.read_many(binaries):
-                doc_id = _security_context(orjson.loads(stored.content)) if stored.content else None
-                if doc_id is not None and ("DocumentReference", doc_id) not in refs:
-                    refs.append(("DocumentReference", doc_id))
+                context = security_context(orjson.loads(stored.content)) if stored.content else None
+                if (
+                    context is not None
+                    and context[0] == "DocumentReference"
+                    and context not in refs
+                ):
+                    refs.append(context)
         if not refs:
             return
         current = {(r.resource_type, r.id): r for r in self.store.read_many(refs)}

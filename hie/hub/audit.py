@@ -50,7 +50,6 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
-    event,
     func,
     insert,
     select,
@@ -58,6 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from hie.hub import sqlite_setup
 from hie.hub.errors import StorageError
 from hie.hub.logging import get_logger
 
@@ -264,7 +264,7 @@ class SqlAuditLog:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             # schema and reads; appends go through the driver (_append_sqlite)
             self.engine: Engine = create_engine(url, pool_size=4, max_overflow=8)
-            _sqlite_hooks(self.engine)
+            sqlite_setup.configure(self.engine, "NORMAL", own_begin=False)
         else:
             pg = url.replace("postgresql://", "postgresql+psycopg://", 1)
             self.engine = create_engine(pg, pool_size=8, max_overflow=8, pool_pre_ping=True)
@@ -593,16 +593,6 @@ def chain_hash(prev: str, body: bytes) -> str:
 
 def _record(body: bytes) -> AuditRecord:
     return AuditRecord(**orjson.loads(body))
-
-
-def _sqlite_hooks(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
 
 
 def open_audit_log(database_url: str, configured: str = "") -> SqlAuditLog:

@@ -43,7 +43,6 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
-    event,
     func,
     insert,
     select,
@@ -51,6 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
+from hie.hub import sqlite_setup
 from hie.hub.errors import Conflict, InvalidRequest, NotFound
 from hie.hub.logging import get_logger
 
@@ -189,7 +189,8 @@ class RejectedStore:
                     connect_args={"check_same_thread": False},
                     poolclass=StaticPool,
                 )
-            _sqlite_hooks(self.engine)
+            # FULL: a kept rejection survives a power cut, not only a crash of the process
+            sqlite_setup.configure(self.engine, "FULL", own_begin=True)
         else:
             pg = url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
                 "postgres://", "postgresql+psycopg://", 1
@@ -344,23 +345,6 @@ def _status(status: str) -> str:
     if status not in STATUSES:
         raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}")
     return status
-
-
-def _sqlite_hooks(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # BEGIN is ours (below)
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        # FULL: a kept rejection survives a power cut, not only a crash of the process
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.execute("PRAGMA busy_timeout=30000")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # writers take the write lock up front, so two never deadlock upgrading a read lock
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("hie_write") else "BEGIN")
 
 
 def open_rejected_store(database_url: str) -> RejectedStore:

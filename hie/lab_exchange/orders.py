@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from hie.adapters.hl7v2 import (
     REQUIRED_FIELD_MISSING,
@@ -32,7 +32,6 @@ from hie.adapters.hl7v2 import (
     TABLE_VALUE_NOT_FOUND,
     Hl7Problem,
     Message,
-    MessageHeader,
     Segment,
     check_header,
     latest_today,
@@ -42,6 +41,7 @@ from hie.lab_exchange.oru import (
     SNOMED,
     Entry,
     LabContext,
+    MappedMessage,
     codeable_concept,
     full_url,
     internal_error,
@@ -81,22 +81,11 @@ class LabOrder:
 
 
 @dataclass(frozen=True, slots=True)
-class OrderMessage:
-    """A mapped ORM^O01 or OML^O21: header, patient, orders, and the problems found.
+class OrderMessage(MappedMessage):
+    """A mapped ORM^O01 or OML^O21: the patient and the orders."""
 
-    When ``errors`` is not empty nothing may be stored and the answer is AE with them.
-    """
-
-    header: MessageHeader
     patient: Entry | None
     orders: list[LabOrder]
-    errors: list[Hl7Problem]
-    warnings: list[Hl7Problem]
-
-    @property
-    def ack_code(self) -> Literal["AA", "AE"]:
-        """MSA-1 for this message: AE if there are errors, else AA."""
-        return "AE" if self.errors else "AA"
 
     def entries(self) -> list[Entry]:
         """Every resource: the patient, then each order's specimens, ServiceRequest and Task."""
@@ -436,4 +425,10 @@ def _map_order(
             mapped = _order(ctx, group, patient.full_url, performer)
             if mapped is not None:
                 orders.append(mapped)
-    return OrderMessage(msg.header, patient, orders, ctx.errors, ctx.warnings)
+    return OrderMessage(
+        header=msg.header,
+        errors=ctx.errors,
+        warnings=ctx.warnings,
+        patient=patient,
+        orders=orders,
+    )

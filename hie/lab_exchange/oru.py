@@ -144,15 +144,14 @@ class PatientResult:
 
 
 @dataclass(frozen=True, slots=True)
-class OruMessage:
-    """A mapped ORU^R01: the header (for the ACK), the results, and the problems found.
+class MappedMessage:
+    """What every mapped lab message carries: its header (for the ACK) and the problems found.
 
     When ``errors`` is not empty nothing may be stored and the answer is AE with them; the
     ``warnings`` go back in the ACK (AA) as ERR segments of severity W.
     """
 
     header: MessageHeader
-    patients: list[PatientResult]
     errors: list[Hl7Problem]
     warnings: list[Hl7Problem]
 
@@ -160,6 +159,13 @@ class OruMessage:
     def ack_code(self) -> Literal["AA", "AE"]:
         """MSA-1 for this message: AE if there are errors, else AA."""
         return "AE" if self.errors else "AA"
+
+
+@dataclass(frozen=True, slots=True)
+class OruMessage(MappedMessage):
+    """A mapped ORU^R01: the results, per PATIENT_RESULT group."""
+
+    patients: list[PatientResult]
 
     def entries(self) -> list[Entry]:
         """Every resource, patients first, each report followed by its specimens and results."""
@@ -1451,4 +1457,6 @@ def _map_oru(
             continue
         reports = [_report(ctx, order, patient.full_url, organization) for order in group.orders]
         patients.append(PatientResult(patient, [rep for rep in reports if rep is not None]))
-    return OruMessage(msg.header, patients, ctx.errors, ctx.warnings)
+    return OruMessage(
+        header=msg.header, errors=ctx.errors, warnings=ctx.warnings, patients=patients
+    )

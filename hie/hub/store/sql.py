@@ -23,13 +23,11 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Engine,
     Select,
     and_,
     bindparam,
     create_engine,
     delete,
-    event,
     exists,
     false,
     func,
@@ -49,6 +47,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql.expression import FromClause
 
+from hie.hub import sqlite_setup
 from hie.hub.errors import InvalidRequest, StorageError, VersionConflict
 from hie.hub.store import schema as s
 from hie.hub.store.port import (
@@ -126,7 +125,7 @@ class SqlResourceStore:
                 pool_size=pool_size,
                 max_overflow=pool_size,
             )
-            self._install_sqlite_hooks(self.engine, sqlite_synchronous)
+            sqlite_setup.configure(self.engine, sqlite_synchronous, own_begin=True, tuned=True)
         else:
             # No server-side prepared statements: PostgreSQL's generic plan for a search (made
             # after five executions) ignores how selective the patient reference is and can be
@@ -140,28 +139,6 @@ class SqlResourceStore:
             )
 
     # --- engine set-up ---------------------------------------------------------------------
-
-    @staticmethod
-    def _install_sqlite_hooks(engine: Engine, synchronous: str) -> None:
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA synchronous={synchronous}")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA cache_size=-262144")
-            cur.execute("PRAGMA mmap_size=1073741824")
-            cur.execute("PRAGMA temp_store=MEMORY")
-            # checkpoint every ~40 MB of WAL instead of 4 MB: far fewer random writes and
-            # fsyncs into the main file under sustained ingest (durability is unchanged)
-            cur.execute("PRAGMA wal_autocheckpoint=10000")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            mode = "IMMEDIATE" if conn.info.get("hie_write") else "DEFERRED"
-            conn.exec_driver_sql(f"BEGIN {mode}")
 
     @functools.cache  # noqa: B019 - a handful of strings per store, kept for its lifetime
     def raw_insert_sql(self, kind: str) -> str:
