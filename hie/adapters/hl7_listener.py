@@ -46,8 +46,9 @@ from hie.adapters.hl7v2 import (
 )
 from hie.adapters.mllp import MllpThread, Peer, mllp_server_from_settings, serve_in_thread
 from hie.fhir.service import FhirService
-from hie.hub.auth import acting_as
-from hie.hub.errors import Conflict, NotFound
+from hie.hub.audit import AccessNote, collecting_access, record_of
+from hie.hub.auth import Principal, acting_as
+from hie.hub.errors import Conflict, NotFound, StorageError
 from hie.hub.logging import get_logger
 from hie.hub.rejected import RejectedMessage, RejectedStore
 from hie.hub.runtime import Hub
@@ -59,6 +60,8 @@ from hie.registries.senders import RegisteredMo, SenderRegistry
 log = get_logger("hie.hl7")
 
 HEAD_BYTES = 64 * 1024
+# the audit record's status for an MSA-1 code (the trail's statuses are HTTP's)
+_AUDIT_STATUS = {"AA": 200, "AE": 422, "AR": 400}
 
 
 @dataclass(slots=True)
@@ -71,6 +74,7 @@ class Outcome:
     warnings: list[Hl7Problem] = field(default_factory=list)
     mo: str | None = None
     kept: int | None = None  # its id in the rejected-message store
+    principal: Principal | None = None  # who it was applied as (the sending MO's system)
 
 
 class Hl7Listener:
@@ -129,6 +133,7 @@ class Hl7Listener:
             size=size,
         )
         log.warning("hl7.frame_rejected", kind=kind, size=size, peer=peer.host)
+        self._audit(AccessNote(), Outcome("AR", errors=[Hl7Problem("100", reason)]), peer)
         if kind == "truncated":
             return []
         return [ack_for_unreadable(head, reason=reason)]
@@ -136,8 +141,11 @@ class Hl7Listener:
     # --- one message ------------------------------------------------------------------------
 
     def process(self, raw: bytes, peer: Peer | None = None) -> list[bytes]:
-        """Apply one message and build its acknowledgements (also what replay runs)."""
-        out = self.apply(raw, peer)
+        """Apply one message, audit it, and build its acknowledgements (also what replay
+        runs)."""
+        with collecting_access() as note:
+            out = self.apply(raw, peer)
+        out = self._audit(note, out, peer)
         if out.code != "AA":
             first = (out.errors or [Hl7Problem(APPLICATION_INTERNAL_ERROR, "failed")])[0]
             h = out.header
@@ -153,6 +161,41 @@ class Hl7Listener:
             )
         return self.acks(raw, out)
 
+    def _audit(self, note: AccessNote, out: Outcome, peer: Peer | None) -> Outcome:
+        """One audit record per message — applied, refused or from an unknown sender (a
+        failed access attempt) — with the patients and resources it wrote, before the
+        sender hears the answer. If the trail cannot take it, the message is not
+        acknowledged ``AA`` (it is kept for replay; a resend is a duplicate, audited then)."""
+        if self.svc.trail is None:
+            return out
+        h = out.header
+        kind = f"{h.message_code}^{h.trigger_event}" if h else "unreadable"
+        first = out.errors[0] if out.errors else None
+        try:
+            self.svc.trail.append(
+                record_of(
+                    note,
+                    out.principal,
+                    action="C",
+                    subtype="hl7v2",
+                    outcome=0 if out.code == "AA" else 4,
+                    status=_AUDIT_STATUS[out.code],
+                    method="MLLP",
+                    path=f"mllp:{kind} {h.control_id if h else ''}".rstrip(),
+                    source=peer.host if peer else None,
+                    reason=first.message if first else None,
+                )
+            )
+        except StorageError as exc:
+            log.error("hl7.audit_failed", error=exc.message)
+            failure = Hl7Problem(
+                APPLICATION_INTERNAL_ERROR,
+                "the hub's audit trail is unavailable; the message is kept and will be replayed",
+                "MSH",
+            )
+            return Outcome("AE", h, [failure], mo=out.mo, principal=out.principal)
+        return out
+
     def apply(self, raw: bytes, peer: Peer | None = None) -> Outcome:
         """Identify, route and apply one message; never raises for anything a sender sends."""
         try:
@@ -165,7 +208,9 @@ class Hl7Listener:
         if peer is not None and peer.certificate is not None and not _certificate_of(mo, peer):
             return Outcome("AR", header, [_unknown_sender("the client certificate")])
         try:
-            return self._route(raw, header, mo)
+            out = self._route(raw, header, mo)
+            out.principal = mo_principal(mo, "mllp")
+            return out
         except Exception as exc:  # a bug must not cost the message: it is kept, the sender told
             log.error("hl7.failed", error=type(exc).__name__, mo=mo.id)
             failure = Hl7Problem(
@@ -173,7 +218,7 @@ class Hl7Listener:
                 "the hub could not process the message; it is kept and will be replayed",
                 "MSH",
             )
-            return Outcome("AE", header, [failure], mo=mo.id)
+            return Outcome("AE", header, [failure], mo=mo.id, principal=mo_principal(mo, "mllp"))
 
     def _route(self, raw: bytes, header: MessageHeader, mo: RegisteredMo) -> Outcome:
         kind = header.message_code

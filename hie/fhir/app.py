@@ -32,7 +32,7 @@ from hie.fhir.mpi_api import mpi_router
 from hie.fhir.service import FhirService, error_outcome, outcome
 from hie.fhir.terminology_api import terminology_router
 from hie.hub import logging as hlog
-from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access
+from hie.hub.audit import AccessNote, AuditRecord, SqlAuditLog, current_access, record_of
 from hie.hub.auth import (
     Principal,
     RateLimiter,
@@ -258,27 +258,17 @@ def _audit_record(scope: Scope, note: AccessNote, status: int) -> AuditRecord:
     method = scope["method"]
     action, subtype = _ACTIONS.get(method, ("E", method.lower()))
     qs = scope.get("query_string", b"").decode("latin-1")
-    path = scope["path"] + (f"?{qs}" if qs else "")
     client = scope.get("client")
-    return AuditRecord(
-        action=note.action or action,
-        subtype=note.subtype or subtype,
+    return record_of(
+        note,
+        principal,
+        action=action,
+        subtype=subtype,
         outcome=0 if status < 400 else (4 if status < 500 else 8),
         status=status,
         method=method,
-        path=path[:2000],
-        agent=principal.subject if principal else None,
-        roles=sorted(principal.roles) if principal else [],
-        org=principal.org if principal else None,
-        practitioner=principal.practitioner if principal else None,
-        client_id=principal.client_id if principal else None,
-        on_behalf_of=principal.patient if principal else None,
+        path=scope["path"] + (f"?{qs}" if qs else ""),
         source=client[0] if client else None,
-        purpose=note.purpose,
-        reason=note.reason,
-        patients=list(note.patients),
-        entities=list(note.entities),
-        entities_more=note.more,
         request_id=hlog.request_id.get() or None,
     )
 

@@ -33,7 +33,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hie.hub import sqlite_setup
+from hie.hub.auth import Principal
 from hie.hub.errors import StorageError
 from hie.hub.logging import get_logger
 
@@ -238,6 +240,59 @@ def note_access(
             note.more += 1
     for p in patients:
         note.patients[p] = None
+
+
+@contextmanager
+def collecting_access() -> Iterator[AccessNote]:
+    """Collect what the enclosed code touches (:func:`note_access`) into a fresh note — for
+    the channels with no HTTP request around them (MLLP messages, DICOM associations)."""
+    note = AccessNote()
+    token = current_access.set(note)
+    try:
+        yield note
+    finally:
+        current_access.reset(token)
+
+
+def record_of(
+    note: AccessNote,
+    principal: Principal | None,
+    *,
+    action: str,
+    subtype: str,
+    outcome: int,
+    status: int,
+    method: str,
+    path: str,
+    source: str | None,
+    reason: str | None = None,
+    request_id: str | None = None,
+) -> AuditRecord:
+    """The audit record of one access: who (``principal``; None if it never authenticated),
+    what the note collected (patients, resources, purpose), and how it ended. What the
+    services noted (the note's subtype and action) wins over the channel's defaults."""
+    p = principal
+    return AuditRecord(
+        action=note.action or action,
+        subtype=note.subtype or subtype,
+        outcome=outcome,
+        status=status,
+        method=method,
+        path=path[:2000],
+        agent=p.subject if p else None,
+        roles=sorted(p.roles) if p else [],
+        org=p.org if p else None,
+        practitioner=p.practitioner if p else None,
+        client_id=p.client_id if p else None,
+        on_behalf_of=p.patient if p else None,
+        source=source,
+        purpose=note.purpose,
+        reason=note.reason or reason,
+        patients=list(note.patients),
+        entities=list(note.entities),
+        entities_more=note.more,
+        request_id=request_id,
+    )
 
 
 # --- the store -----------------------------------------------------------------------------------
