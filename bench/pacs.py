@@ -12,22 +12,33 @@ Generates one study set (``--series`` CT series of ``--per-series`` instances, 5
 Prints instances/s and MB/s for each and the hub's ratios, and appends one JSON line to
 ``bench/results/pacs.jsonl``.
 
+With ``--find N`` it measures C-FIND instead: N studies are indexed by inserting index rows
+(patients, studies) and their ImagingStudy rows (owned by ten MOs) straight into a fresh
+store, a real ``hie serve`` process answers, and pynetdicom — one association, as a
+workstation keeps — sends study-level Study Root queries as one MO's system (so the access
+policy applies, in the SQL): by Patient ID, by a week's Study Date range, by Accession
+Number. Prints p50/p95/max per kind and appends to ``bench/results/pacs_find.jsonl``.
+
     .venv/bin/python bench/pacs.py                      # 4 series × 200 + 500 small
     .venv/bin/python bench/pacs.py --series 20 --small 2000
+    .venv/bin/python bench/pacs.py --find 100000        # C-FIND p95 at 100,000 studies
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +52,8 @@ from hie.hub.settings import load_settings  # noqa: E402
 from hie.pacs.index import DicomIndex  # noqa: E402
 from tests.fixtures.dicom import (  # noqa: E402
     AE_A,
+    MO_A,
+    SYSTEM_A,
     as_transaction,
     ct_instance,
     dcmtk,
@@ -50,6 +63,10 @@ from tests.fixtures.dicom import (  # noqa: E402
 )
 
 RESULTS = ROOT / "bench" / "results" / "pacs.jsonl"
+FIND_RESULTS = ROOT / "bench" / "results" / "pacs_find.jsonl"
+FIND_TARGET_MS = 50.0
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+CLIENT_POLL = float(os.environ.get("BENCH_CLIENT_POLL", "0.0001"))
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -187,12 +204,229 @@ def run_orthanc(work: Path, data: Path) -> float | None:
         proc.wait(60)
 
 
+# --- C-FIND ----------------------------------------------------------------------------------
+
+MOS = [MO_A, *(f"mo-bench-{i}" for i in range(1, 10))]  # ten MOs own the studies in turn
+
+
+def build_index(work: Path, studies: int) -> tuple[Any, list[dict[str, str]]]:
+    """A migrated store with ``studies`` studies (four per patient) indexed, each with its
+    ImagingStudy row; returns (settings, the queries to time)."""
+    from sqlalchemy import insert
+
+    from hie.hub.store.schema import resources
+    from hie.pacs import schema as s
+
+    settings = load_settings(data_dir=work / "hub")
+    hub = open_hub(settings)
+    hub.store.migrate()
+    FhirService(hub.store, settings).transaction(as_transaction(dicom_registry()), "")
+    engine = hub.store.engine
+    rng = random.Random(8)
+    n_patients = max(1, studies // 4)
+    now = int(time.time() * 1e6)
+    start = datetime.date(2016, 1, 1)
+    batch = 20_000
+    t0 = time.monotonic()
+    with engine.begin() as conn:
+        for lo in range(0, n_patients, batch):
+            conn.execute(
+                insert(s.dicom_patients),
+                [
+                    {
+                        "pk": k + 1,
+                        "patient_ref": f"bench-p{k}",
+                        "patient_id": f"{1_000_000 + k}",
+                        "issuer": "",
+                        "id_system": SYSTEM_A,
+                        "patient_name": f"Пациентова{k % 997} Анна {k}",
+                        "name_key": f"ПАЦИЕНТОВА{k % 997} АННА {k}",
+                        "birth_date": f"{1940 + k % 70}0{1 + k % 9}1{k % 10}",
+                        "sex": "F",
+                        "owner": MOS[k % len(MOS)],
+                        "created": now,
+                    }
+                    for k in range(lo, min(n_patients, lo + batch))
+                ],
+            )
+        for lo in range(0, studies, batch):
+            chunk = range(lo, min(studies, lo + batch))
+            rows = []
+            for j in chunk:
+                patient = j % n_patients
+                day = start + datetime.timedelta(days=rng.randrange(3650))
+                rows.append(
+                    {
+                        "pk": j + 1,
+                        "study_uid": f"2.25.{10**20 + j}",
+                        "patient_pk": patient + 1,
+                        "study_date": day.strftime("%Y%m%d"),
+                        "study_time": f"{8 + j % 10:02d}{j % 60:02d}00",
+                        "accession": f"ACC{j:08d}",
+                        "study_id": str(j % 1000),
+                        "description": "КТ органов грудной клетки",
+                        "referring": "Смирнов^Олег",
+                        "modalities": "CT",
+                        "num_series": 1,
+                        "num_instances": 200,
+                        "imaging_study_id": f"bench-is-{j}",
+                        "owner": MOS[patient % len(MOS)],
+                        "created": now,
+                        "updated": now,
+                    }
+                )
+            conn.execute(insert(s.dicom_studies), rows)
+            conn.execute(
+                insert(resources),
+                [
+                    {
+                        "rtype": "ImagingStudy",
+                        "id": r["imaging_study_id"],
+                        "version": 1,
+                        "last_updated": now,
+                        "deleted": False,
+                        "owner": r["owner"],
+                    }
+                    for r in rows
+                ],
+            )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE")
+    print(f"indexed {studies:,} studies in {time.monotonic() - t0:.1f} s", flush=True)
+    hub.close()
+    # the querying MO (MO A, its modality's AE title) and what it may see: its own studies
+    mine = [k for k in range(n_patients) if k % len(MOS) == 0]
+    queries: list[dict[str, str]] = []
+    for i in range(300):
+        k = rng.choice(mine)
+        kind = ("PatientID", "StudyDate", "AccessionNumber")[i % 3]
+        if kind == "PatientID":
+            queries.append({"kind": kind, "PatientID": f"{1_000_000 + k}"})
+        elif kind == "StudyDate":
+            day = start + datetime.timedelta(days=rng.randrange(3640))
+            end = day + datetime.timedelta(days=6)
+            queries.append({"kind": kind, "StudyDate": f"{day:%Y%m%d}-{end:%Y%m%d}"})
+        else:
+            j = k + n_patients * rng.randrange(4)
+            queries.append({"kind": kind, "AccessionNumber": f"ACC{j:08d}"})
+    return settings, queries
+
+
+def time_finds(port: int, queries: list[dict[str, str]]) -> dict[str, list[float]]:
+    """Send every query over one association; milliseconds per query, by kind, and the
+    number of matches each returned."""
+    import socket
+
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE, evt
+
+    def nodelay(event: Any) -> None:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title=AE_A)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title="HUB", evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)]
+    )
+    if not assoc.is_established:
+        raise RuntimeError("the hub refused the association")
+    # pynetdicom's reader polls every 1 ms when idle; a client that only measures may spin
+    # faster, so the figures are the hub's, not the client's polling
+    assoc.dul._run_loop_delay = CLIENT_POLL
+    out: dict[str, list[float]] = {}
+    matches: dict[str, int] = {}
+    try:
+        for i, q in enumerate([*queries[:30], *queries]):  # the first 30: warm-up
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            for key in ("PatientID", "StudyDate", "AccessionNumber"):
+                setattr(ds, key, q.get(key, ""))
+            ds.StudyInstanceUID = ""
+            ds.PatientName = ""
+            ds.NumberOfStudyRelatedInstances = ""
+            t0 = time.perf_counter()
+            n = 0
+            for status, _ in assoc.send_c_find(ds, STUDY_ROOT_FIND):
+                if status.Status not in (0xFF00, 0x0000):
+                    raise RuntimeError(f"C-FIND failed: 0x{status.Status:04X}")
+                n += status.Status == 0xFF00
+            took = (time.perf_counter() - t0) * 1000
+            if i >= 30:
+                out.setdefault(q["kind"], []).append(took)
+                matches[q["kind"]] = matches.get(q["kind"], 0) + n
+    finally:
+        assoc.release()
+    for kind, n in matches.items():
+        out[f"{kind}:matches"] = [n / len(out[kind])]
+    return out
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def run_find(studies: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="hie-bench-pacs-find-") as tmp:
+        work = Path(tmp)
+        settings, queries = build_index(work, studies)
+        port = free_port()
+        with hub_server(
+            work / "hub",
+            settings.database_url,
+            HIE_DICOM_PORT=str(port),
+            HIE_HTTP_WORKERS="1",
+            HIE_MLLP_PORT="0",
+        ):
+            times = time_finds(port, queries)
+    print(f"\nC-FIND, study level, {studies:,} studies, as one MO (access policy in the SQL)")
+    print(f"(pynetdicom client polling every {CLIENT_POLL * 1000:g} ms; BENCH_CLIENT_POLL)")
+    print(f"{'query':<18}{'n':>6}{'matches':>9}{'p50 ms':>9}{'p95 ms':>9}{'max ms':>9}")
+    summary: dict[str, dict[str, float]] = {}
+    for kind in ("PatientID", "StudyDate", "AccessionNumber"):
+        ms = times[kind]
+        row = {
+            "n": len(ms),
+            "matches": round(times[f"{kind}:matches"][0], 1),
+            "p50": round(percentile(ms, 50), 2),
+            "p95": round(percentile(ms, 95), 2),
+            "max": round(max(ms), 2),
+        }
+        summary[kind] = row
+        print(
+            f"{kind:<18}{row['n']:>6}{row['matches']:>9}{row['p50']:>9.2f}"
+            f"{row['p95']:>9.2f}{row['max']:>9.2f}"
+        )
+    worst = max(r["p95"] for r in summary.values())
+    verdict = "met" if worst <= FIND_TARGET_MS else "NOT met"
+    print(f"\nworst p95 {worst:.1f} ms; target ≤ {FIND_TARGET_MS:.0f} ms {verdict}")
+    FIND_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with FIND_RESULTS.open("a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "host": platform.node(),
+                    "studies": studies,
+                    "database": "sqlite",
+                    "client_poll_ms": CLIENT_POLL * 1000,
+                    "ms": summary,
+                }
+            )
+            + "\n"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--series", type=int, default=4)
     ap.add_argument("--per-series", type=int, default=200)
     ap.add_argument("--small", type=int, default=500)
+    ap.add_argument("--find", type=int, metavar="STUDIES", help="measure C-FIND instead")
     args = ap.parse_args()
+    if args.find:
+        run_find(args.find)
+        return
     with tempfile.TemporaryDirectory(prefix="hie-bench-pacs-") as tmp:
         work = Path(tmp)
         data = work / "data"

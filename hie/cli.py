@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -690,6 +691,35 @@ def messages_replay(
         hub.close()
     if failed:
         raise typer.Exit(1)
+
+
+viewer_app = typer.Typer(
+    help="The radiologists' web viewer (OHIF) at /viewer.", no_args_is_help=True
+)
+app.add_typer(viewer_app, name="viewer")
+
+
+@viewer_app.command("fetch")
+def viewer_fetch(
+    dest: Annotated[
+        Path | None,
+        typer.Option(help="Directory to unpack into (default: $HIE_DATA_DIR/viewer)."),
+    ] = None,
+    registry: Annotated[str, typer.Option(help="The npm registry.")] = "https://registry.npmjs.org",
+    force: Annotated[bool, typer.Option(help="Download again even if unpacked.")] = False,
+) -> None:
+    """Download the OHIF Viewer's built assets (npm @ohif/app) at install time, check the
+    registry's sha512 integrity and unpack them where `hie serve` serves /viewer from.
+    Exit 1 (nothing changed) when the registry cannot be reached."""
+    from hie.pacs.viewer_assets import ViewerAssetsError, fetch
+
+    target = dest if dest is not None else _settings().data_dir / "viewer"
+    try:
+        got = fetch(target, registry=registry, force=force, progress=lambda m: typer.echo(m))
+    except ViewerAssetsError as exc:
+        typer.echo(f"viewer assets not fetched: {exc.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{got.package}@{got.version} ready in {got.path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

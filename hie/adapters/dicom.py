@@ -15,7 +15,27 @@
    (:func:`dimse_status`: the one place errors become statuses), with an Error Comment;
 4. **storage commitment** (push model, N-ACTION) — answered at once; the result
    (:func:`hie.pacs.commitment.commit`) follows as an N-EVENT-REPORT over a new association
-   the hub opens to the caller's registered address, in the SCP role (PS3.4 J.3.3).
+   the hub opens to the caller's registered address, in the SCP role (PS3.4 J.3.3);
+5. **Query/Retrieve** (Patient Root and Study Root; PS3.4 Annex C) — the caller acts as its
+   MO's system (:func:`hie.lab_exchange.service.mo_principal`), so the access policy decides
+   what it finds and retrieves (:mod:`hie.pacs.retrieve`, one audit record per operation):
+
+   - **C-FIND** at every level: the identifier becomes a :class:`~hie.pacs.query.DicomQuery`
+     (hierarchical: the unique keys of the levels above must be single values); one pending
+     response (0xFF00) per match with the requested keys (UTF-8, ``ISO_IR 192``), at most
+     ``HIE_DICOM_QUERY_LIMIT``; C-CANCEL answers 0xFE00; a bad identifier 0xA900, a bad
+     match value 0xC000, an archive failure 0xA700 — each with an Error Comment;
+   - **C-MOVE** to a destination AE title registered by the *caller's own MO* (a
+     ``dicom-dimse`` Endpoint with host and port; anything else is 0xA801 "move destination
+     unknown": an MO cannot push another MO's patients to a third MO's system), over a new
+     association proposing, per SOP class, each stored transfer syntax and uncompressed;
+   - **C-GET** over the caller's association (it proposes storage contexts with SCP/SCU role
+     selection, which the hub accepts);
+
+   instances go out as stored (no transcoding: one whose transfer syntax the receiver did not
+   accept is a failed sub-operation), with pending responses carrying the remaining,
+   completed, failed and warning counts, cancel honoured between sub-operations, and the
+   Failed SOP Instance UID List on a warning or failure.
 
 Accepted sockets get ``TCP_NODELAY`` (pynetdicom leaves Nagle's algorithm on, which can hold
 each DIMSE response back ~40 ms). An association silent for ``HIE_DICOM_TIMEOUT_SECONDS`` —
@@ -30,22 +50,34 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import uid
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pydicom.multival import MultiValue
+from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import _STORAGE_CLASSES as STORAGE_CLASSES
+from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
 from hie.fhir.service import FhirService
+from hie.hub.auth import Forbidden, acting_as
+from hie.hub.errors import HieError, StorageError
 from hie.hub.logging import get_logger
 from hie.hub.runtime import Hub
 from hie.hub.settings import Settings
+from hie.lab_exchange.service import mo_principal
+from hie.pacs.access import audit_dimse
 from hie.pacs.commitment import Commitment, commit
-from hie.pacs.errors import CANNOT_UNDERSTAND, DicomRefused
+from hie.pacs.errors import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ArchiveUnavailable, DicomRefused
+from hie.pacs.query import DicomQuery, InvalidQuery, Level, Match
+from hie.pacs.retrieve import QueryRetrieve, Retrieval
 from hie.pacs.storage import Received, StorageService
 from hie.registries.patient_index import attach_mpi
 from hie.registries.senders import RegisteredMo, SenderRegistry
@@ -53,6 +85,7 @@ from hie.registries.senders import RegisteredMo, SenderRegistry
 log = get_logger("hie.dicom")
 
 SUCCESS = 0x0000
+MOVE_DESTINATION_UNKNOWN = 0xA801
 VERIFICATION = "1.2.840.10008.1.1"  # PS3.4 A.4 Verification SOP Class
 COMMITMENT_PUSH = "1.2.840.10008.1.20.1"  # PS3.4 J.3 Storage Commitment Push Model
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
@@ -61,6 +94,19 @@ NO_SUCH_ACTION = 0x0123
 PROCESSING_FAILURE = 0x0110
 MISTYPED_ARGUMENT = 0x0212
 _UNCOMPRESSED = [str(uid.ExplicitVRLittleEndian), str(uid.ImplicitVRLittleEndian)]
+# Query/Retrieve information models (PS3.4 C.6): SOP Class UID → root
+FIND_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.1": "PATIENT",  # Patient Root Q/R Information Model - FIND
+    "1.2.840.10008.5.1.4.1.2.2.1": "STUDY",  # Study Root Q/R Information Model - FIND
+}
+MOVE_MODELS = {"1.2.840.10008.5.1.4.1.2.1.2": "PATIENT", "1.2.840.10008.5.1.4.1.2.2.2": "STUDY"}
+GET_MODELS = {"1.2.840.10008.5.1.4.1.2.1.3": "PATIENT", "1.2.840.10008.5.1.4.1.2.2.3": "STUDY"}
+PENDING = 0xFF00
+CANCEL = 0xFE00
+WARNING = 0xB000  # sub-operations complete, one or more failures or warnings
+ALL_FAILED = 0xA702  # sub-operations complete, all failed
+MAX_CONTEXTS = 128  # PS3.8 9.3.2: presentation context IDs are odd numbers 1-255
+CHARSET = "ISO_IR 192"  # UTF-8: every response identifier says so
 # PS3.8 9.3.4 A-ASSOCIATE-RJ: result 1 (permanent), source 1 (service user), diagnostics
 _REJECT_CALLING = (0x01, 0x01, 0x03)
 _REJECT_CALLED = (0x01, 0x01, 0x07)
@@ -104,11 +150,18 @@ class Caller:
         return f"{self.host}:{self.port}"
 
 
-def dimse_status(err: DicomRefused) -> Dataset:
-    """The C-STORE response status for a refusal: its status code and an Error Comment
-    (0000,0902, LO: at most 64 characters) with the hub's error code."""
+def dimse_status(err: HieError) -> Dataset:
+    """The DIMSE response status for an error: a refusal's own status (a
+    :class:`~hie.pacs.errors.DicomRefused` names it), 0xA700 for a storage failure, else
+    0xC000 — with an Error Comment (0000,0902, LO: at most 64 characters) starting with the
+    hub's error code."""
     status = Dataset()
-    status.Status = err.dimse_status
+    if isinstance(err, DicomRefused):
+        status.Status = err.dimse_status
+    elif isinstance(err, StorageError):
+        status.Status = OUT_OF_RESOURCES
+    else:
+        status.Status = CANNOT_UNDERSTAND
     status.ErrorComment = f"{err.code} {err.message}"[:64]
     return status
 
@@ -130,6 +183,7 @@ class DicomListener:
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self._reports: set[threading.Thread] = set()
+        self.qr = QueryRetrieve(storage.svc, storage.index, storage.blobs)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -145,8 +199,12 @@ class DicomListener:
         ae.maximum_pdu_size = 0  # no limit on what peers send us
         ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES)
         ae.add_supported_context(COMMITMENT_PUSH, _UNCOMPRESSED)
+        for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
+            ae.add_supported_context(model, _UNCOMPRESSED)
         for sop_class in STORAGE_CLASSES.values():
-            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+            # a C-GET caller proposes storage with SCP/SCU role selection: the hub accepts
+            # (it then sends over these contexts); without role selection, the usual roles
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         return ae
 
     # --- running -----------------------------------------------------------------------------
@@ -159,6 +217,9 @@ class DicomListener:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_N_ACTION, self._on_commitment),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
+            (evt.EVT_C_GET, self._on_get),
         ]
         address = (self.settings.dicom_host, self.settings.dicom_port)
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
@@ -246,11 +307,201 @@ class DicomListener:
             peer=caller.peer,
         )
         try:
-            self.storage.store(rx, caller.mo)
+            done = self.storage.store(rx, caller.mo)
         except DicomRefused as err:
             log.info("dicom.store_refused", code=err.code, mo=caller.mo.id)
+            self._audit_store(caller, 4, err.dimse_status, reason=err.message)
             return dimse_status(err)
+        try:
+            self._audit_store(
+                caller, 0, SUCCESS, done.patient_ref, done.imaging_study_id, rx.sop_instance_uid
+            )
+        except StorageError as exc:  # stored, but not acknowledged unaudited: a resend is
+            log.error("dicom.audit_failed", error=exc.message)  # a duplicate, audited then
+            return dimse_status(ArchiveUnavailable("the audit trail is unavailable; retry"))
         return SUCCESS
+
+    def _audit_store(
+        self,
+        caller: Caller,
+        outcome: int,
+        status: int,
+        patient: str | None = None,
+        study: str | None = None,
+        sop_uid: str = "",
+        reason: str | None = None,
+    ) -> None:
+        """The audit record of one C-STORE, as the caller's MO (before the answer)."""
+        audit_dimse(
+            self.storage.svc,
+            subtype="store",
+            outcome=outcome,
+            status=status,
+            source=caller.host,
+            patients=[patient] if patient else [],
+            studies=[study] if study else [],
+            reason=reason,
+            detail=sop_uid.strip("\x00 "),
+            principal=mo_principal(caller.mo, "dicom"),
+        )
+
+    # --- query / retrieve --------------------------------------------------------------------
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """C-FIND (PS3.4 C.4.1): pending responses with the requested keys of each match."""
+        caller = self._caller(event.assoc)
+        rq: Any = event.request
+        root = FIND_MODELS.get(str(rq.AffectedSOPClassUID), "STUDY")
+        if caller is None:  # pragma: no cover - only accepted associations get here
+            yield _failure(CANNOT_UNDERSTAND, "unknown caller"), None
+            return
+        with acting_as(mo_principal(caller.mo, "dicom")):
+            try:
+                level, keys, returned = _identifier(event)
+                detail = f"{root.lower()}-root {level.value} keys={','.join(sorted(keys))}"
+                q = DicomQuery(
+                    level,
+                    keys,
+                    root=root,
+                    hierarchical=True,
+                    retrieve_ae_title=self.ae_title,
+                )
+            except InvalidQuery as err:
+                self.qr.refused("query", err, caller.peer, f"{root.lower()}-root")
+                yield dimse_status(err), None
+                return
+            try:
+                page = self.qr.find(q, source=caller.peer, detail=detail)
+            except (HieError, Forbidden) as err:
+                log.info("dicom.find_refused", code=err.code, mo=caller.mo.id)
+                yield dimse_status(err), None
+                return
+            except Exception as exc:  # the archive failed: say so, keep the association
+                log.error("dicom.find_failed", error=type(exc).__name__, mo=caller.mo.id)
+                yield _failure(OUT_OF_RESOURCES, "HIE-1305 the archive failed; retry"), None
+                return
+        if page.more:
+            log.info("dicom.find_cut", mo=caller.mo.id, limit=len(page.matches))
+        for m in page.matches:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, _response(level, returned, m)
+
+    def _plan(
+        self, event: evt.Event, caller: Caller, models: dict[str, str], op: str
+    ) -> Retrieval | Dataset:
+        """The instances a C-MOVE / C-GET names (or the failure status to answer)."""
+        rq: Any = event.request
+        root = models.get(str(rq.AffectedSOPClassUID), "STUDY")
+        detail = f"{op} {root.lower()}-root"
+        if op == "C-MOVE":
+            detail += f" to {str(rq.MoveDestination or '').strip()}"
+        with acting_as(mo_principal(caller.mo, "dicom")):
+            try:
+                level, keys, _ = _identifier(event)
+            except InvalidQuery as err:
+                self.qr.refused("retrieve", err, caller.peer, detail)
+                return dimse_status(err)
+            try:
+                return self.qr.retrieval(
+                    level, keys, root=root, source=caller.peer, detail=f"{detail} {level.value}"
+                )
+            except (HieError, Forbidden) as err:  # audited by the service
+                log.info("dicom.retrieve_refused", code=err.code, mo=caller.mo.id)
+                return dimse_status(err)
+            except Exception as exc:
+                log.error("dicom.retrieve_failed", error=type(exc).__name__, mo=caller.mo.id)
+                return _failure(OUT_OF_RESOURCES, "HIE-1305 the archive failed; retry")
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE (PS3.4 C.4.2): the named instances to a registered destination."""
+        caller = self._caller(event.assoc)
+        if caller is None:  # pragma: no cover - only accepted associations get here
+            yield None, None
+            return
+        rq: Any = event.request
+        dest_ae = str(rq.MoveDestination or "").strip()
+        target = self._destination(caller, dest_ae)
+        if target is None:
+            log.warning("dicom.move_destination_unknown", mo=caller.mo.id, destination=dest_ae)
+            self.qr.refused(
+                "retrieve",
+                InvalidQuery(f"move destination {dest_ae!r} is not registered for this MO"),
+                caller.peer,
+                f"C-MOVE to {dest_ae}",
+                status=MOVE_DESTINATION_UNKNOWN,
+            )
+            yield None, None  # pynetdicom answers 0xA801 Move destination unknown
+            return
+        plan = self._plan(event, caller, MOVE_MODELS, "C-MOVE")
+        tracker = _StoreResponses()
+        contexts = _contexts(plan) if isinstance(plan, Retrieval) else _fallback_contexts()
+        yield (
+            target[0],
+            target[1],
+            {
+                "contexts": contexts,
+                "evt_handlers": [
+                    (evt.EVT_CONN_OPEN, self._on_connection),
+                    (evt.EVT_DIMSE_RECV, tracker.on_recv),
+                ],
+            },
+        )
+        yield from self._sub_operations(event, plan, tracker)
+
+    def _on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET (PS3.4 C.4.3): the named instances back over the caller's association."""
+        caller = self._caller(event.assoc)
+        if caller is None:  # pragma: no cover - only accepted associations get here
+            yield 0
+            return
+        plan = self._plan(event, caller, GET_MODELS, "C-GET")
+        tracker = _StoreResponses()
+        event.assoc.bind(evt.EVT_DIMSE_RECV, tracker.on_recv)
+        try:
+            yield from self._sub_operations(event, plan, tracker)
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, tracker.on_recv)
+
+    @staticmethod
+    def _sub_operations(
+        event: evt.Event, plan: Retrieval | Dataset, tracker: _StoreResponses
+    ) -> Iterator[Any]:
+        """pynetdicom's retrieve protocol: the number of sub-operations, then one pending
+        ``(status, dataset)`` per instance (pynetdicom sends it and counts), then the end."""
+        if isinstance(plan, Dataset):  # refused: one failure response (pynetdicom needs ≥1)
+            yield 1
+            yield plan, None
+            return
+        if not len(plan):  # pynetdicom answers success at once, without resuming this
+            plan.finish(SUCCESS)
+            yield 0
+            return
+        yield len(plan)
+        for m, ds in plan.datasets(lambda: bool(event.is_cancelled)):
+            seen = len(tracker.statuses)
+            yield PENDING, ds if ds is not None else _unsendable(m)
+            got = tracker.statuses[seen:]
+            plan.record(m, code_to_category(got[0]) if got else "Failure")
+        c = plan.counts
+        if plan.cancelled:
+            plan.finish(CANCEL)
+            failed = Dataset()
+            failed.FailedSOPInstanceUIDList = c.failed_uids
+            yield CANCEL, failed
+            return
+        if not c.failed and not c.warning:
+            plan.finish(SUCCESS)
+        else:
+            plan.finish(ALL_FAILED if c.failed == len(plan) else WARNING)
+
+    def _destination(self, caller: Caller, ae_title: str) -> tuple[str, int] | None:
+        """``(host, port)`` of a C-MOVE destination the caller's MO registered."""
+        own = {ep.dicom.ae_title for ep in caller.mo.endpoints if ep.dicom is not None}
+        if not ae_title or ae_title not in own:
+            return None
+        return self.senders.dicom_destination(ae_title, for_mo=caller.mo.id)
 
     # --- storage commitment (push model) -----------------------------------------------------
 
@@ -350,6 +601,110 @@ def commitment_report(result: Commitment) -> Dataset:
             failed.append(item)
         ds.FailedSOPSequence = failed
     return ds
+
+
+class _StoreResponses:
+    """The statuses of the C-STORE responses an association receives (the sub-operations
+    of a retrieve, which pynetdicom sends and counts; the audit record needs them too)."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def on_recv(self, event: evt.Event) -> None:
+        msg: Any = event.message
+        if isinstance(msg, C_STORE_RSP):
+            self.statuses.append(int(msg.command_set.Status))
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _text(elem: DataElement) -> str:
+    """A request element's value as DICOM encodes it (multiple values ``\\``-separated)."""
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return str(value)
+
+
+def _identifier(event: evt.Event) -> tuple[Level, dict[str, str], list[DataElement]]:
+    """Query/Retrieve Level, the match keys and the elements to return, from a request's
+    identifier (:class:`InvalidQuery` when it cannot be decoded or has no valid level)."""
+    try:
+        ident: Dataset = event.identifier
+        level_value = str(ident.get("QueryRetrieveLevel", "") or "").strip()
+        returned: list[DataElement] = []
+        keys: dict[str, str] = {}
+        for elem in ident:
+            if elem.tag.group in (0x0000, 0x0002) or elem.keyword in (
+                "QueryRetrieveLevel",
+                "SpecificCharacterSet",
+            ):
+                continue
+            returned.append(elem)
+            if elem.VR != "SQ" and elem.keyword:  # sequences: universal (module docs)
+                keys[elem.keyword] = _text(elem)
+    except Exception as exc:
+        raise InvalidQuery(f"the identifier cannot be decoded ({type(exc).__name__})") from exc
+    try:
+        level = Level(level_value)
+    except ValueError:
+        raise InvalidQuery("Query/Retrieve Level (0008,0052) is missing or unknown") from None
+    return level, keys, returned
+
+
+def _response(level: Level, returned: list[DataElement], m: Match) -> Dataset:
+    """A pending C-FIND response identifier: the requested keys with this match's values
+    (zero length where the archive keeps none)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = CHARSET
+    ds.QueryRetrieveLevel = level.value
+    for elem in returned:
+        value = m.attrs.get(elem.keyword) if elem.keyword else None
+        if elem.VR == "SQ":
+            ds.add_new(elem.tag, "SQ", [])
+        elif value is None or value == "":
+            ds.add_new(elem.tag, elem.VR, None)
+        else:
+            ds.add_new(elem.tag, elem.VR, value)
+    ds.RetrieveAETitle = m.attrs.get("RetrieveAETitle") or None
+    return ds
+
+
+def _unsendable(m: Match) -> Dataset:
+    """A stand-in for an instance whose file cannot be read: pynetdicom cannot send it
+    (no File Meta Information) and counts a failed sub-operation with its SOP Instance UID."""
+    ds = Dataset()
+    ds.SOPClassUID = m.sop_class_uid or ""
+    ds.SOPInstanceUID = str(m.attrs["SOPInstanceUID"])
+    return ds
+
+
+def _contexts(plan: Retrieval) -> list[PresentationContext]:
+    """The presentation contexts a C-MOVE's outgoing association proposes: per SOP class,
+    each stored transfer syntax that is not plain uncompressed in a context of its own, and
+    uncompressed (explicit and implicit little endian: pynetdicom sends an uncompressed
+    instance in whichever the receiver accepted). At most 128 (PS3.8)."""
+    out: list[PresentationContext] = []
+    for sop_class, syntaxes in sorted(plan.syntaxes().items()):
+        for ts in sorted(syntaxes - set(_UNCOMPRESSED)):
+            out.append(build_context(sop_class, [ts]))
+        out.append(build_context(sop_class, _UNCOMPRESSED))
+    if len(out) > MAX_CONTEXTS:
+        log.warning("dicom.move_too_many_contexts", contexts=len(out))
+    return out[:MAX_CONTEXTS]
+
+
+def _fallback_contexts() -> list[PresentationContext]:
+    return [build_context(VERIFICATION, _UNCOMPRESSED)]
 
 
 def _ref(sop_class: str, sop_uid: str) -> Dataset:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -45,6 +46,7 @@ from hie.hub.auth import (
 from hie.hub.errors import HieError
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import Settings
+from hie.pacs.dicomweb_api import dicomweb_router
 from hie.registries.patient_index import attach_mpi
 
 log = hlog.get_logger("hie.http")
@@ -103,11 +105,20 @@ class RequestContext:
 OPEN_PATHS = frozenset(
     {"/healthz", "/fhir/metadata", "/fhir/.well-known/smart-configuration", "/portal/login"}
 )
+# Open by prefix: the image viewer's static files and pages (hie.pacs.viewer_api), which
+# carry no patient data; they read studies through DICOMweb, which needs a token.
+OPEN_PREFIXES = ("/viewer/",)
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is served without a token."""
+    return path in OPEN_PATHS or path == "/viewer" or path.startswith(OPEN_PREFIXES)
 
 
 class Authenticate:
-    """ASGI middleware: every request but :data:`OPEN_PATHS` carries a bearer token that
-    verifies (:class:`hie.hub.auth.TokenVerifier`); its principal is set for the request
+    """ASGI middleware: every request but :data:`OPEN_PATHS` and :data:`OPEN_PREFIXES` (and
+    ``/viewer`` itself) carries a bearer token that verifies
+    (:class:`hie.hub.auth.TokenVerifier`); its principal is set for the request
     (``hie.hub.auth.current_principal``). A missing or bad token gets 401 with an
     OperationOutcome and ``WWW-Authenticate`` (RFC 6750 §3)."""
 
@@ -117,7 +128,7 @@ class Authenticate:
         self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         header = None
@@ -198,6 +209,14 @@ async def _refuse(
 
 # Not audited unless refused: health, metrics, discovery and API docs carry no patient data.
 UNAUDITED = OPEN_PATHS | {"/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+def _unaudited(path: str) -> bool:
+    """Successful requests that leave no record: probes, docs, and the open pages and files
+    of the viewer (no patient data; what they then read through DICOMweb is audited)."""
+    return path in UNAUDITED or is_open(path)
+
+
 _ACTIONS = {"GET": ("R", "read"), "HEAD": ("R", "read"), "POST": ("C", "create")}
 _ACTIONS |= {"PUT": ("U", "update"), "PATCH": ("U", "patch"), "DELETE": ("D", "delete")}
 
@@ -231,7 +250,7 @@ class AuditTrail:
                 return
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if status >= 400 or scope["path"] not in UNAUDITED:
+                if status >= 400 or not _unaudited(scope["path"]):
                     rec = _audit_record(scope, note, status)
                     try:
                         if self.trail.inline:
@@ -257,7 +276,7 @@ def _audit_record(scope: Scope, note: AccessNote, status: int) -> AuditRecord:
     principal: Principal | None = scope.get("state", {}).get("principal")
     method = scope["method"]
     action, subtype = _ACTIONS.get(method, ("E", method.lower()))
-    qs = scope.get("query_string", b"").decode("latin-1")
+    qs = _without_tokens(scope.get("query_string", b"").decode("latin-1"))
     client = scope.get("client")
     return record_of(
         note,
@@ -271,6 +290,18 @@ def _audit_record(scope: Scope, note: AccessNote, status: int) -> AuditRecord:
         source=client[0] if client else None,
         request_id=hlog.request_id.get() or None,
     )
+
+
+_TOKEN_PARAMS = frozenset({"token", "access_token"})
+
+
+def _without_tokens(qs: str) -> str:
+    """The query string with any bearer token in it blanked: a link may carry one (the
+    viewer's), and the audit trail is kept for years and read by patients."""
+    if "token=" not in qs:
+        return qs
+    pairs = parse_qsl(qs, keep_blank_values=True)
+    return urlencode([(k, "(redacted)" if k in _TOKEN_PARAMS else v) for k, v in pairs])
 
 
 def app_from_env() -> FastAPI:
@@ -401,6 +432,7 @@ def create_app(
     app.include_router(admin_router(service, mpi, lambda: hub.rejected, settings))
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))
+    app.include_router(dicomweb_router(service, hub, settings))
     app.include_router(FhirApi(service, settings).router)
     if settings.auth_enabled:
         limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

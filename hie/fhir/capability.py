@@ -69,8 +69,46 @@ def _resource(rtype: str) -> dict[str, Any]:
                 "name": "mpi-explain",
                 "definition": "https://hie.spb.ru/fhir/OperationDefinition/Patient-mpi-explain",
             },
+            {
+                "name": "document-timeline",
+                "definition": f"{_OPS}/Patient-document-timeline",
+            },
         ]
+    if rtype == "DocumentReference":
+        out["operation"] = [
+            {"name": "search-text", "definition": f"{_OPS}/DocumentReference-search-text"}
+        ]
+    if rtype == "AuditEvent":
+        out["operation"] = [{"name": "stats", "definition": f"{_OPS}/AuditEvent-stats"}]
     return out
+
+
+def _security(settings: Settings) -> dict[str, Any]:
+    if not settings.auth_enabled:
+        return {
+            "cors": False,
+            "description": "Authentication is off (HIE_AUTH_ENABLED=false): development only.",
+        }
+    return {
+        "cors": False,
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "OAuth2 bearer tokens with SMART on FHIR v2 scopes; see "
+        "/fhir/.well-known/smart-configuration.",
+    }
+
+
+_OPS = "https://hie.spb.ru/fhir/OperationDefinition"
+# IHE MHD actors the hub plays (ITI-65 recipient; ITI-66/67/68 responder)
+_MHD = "https://profiles.ihe.net/ITI/MHD/CapabilityStatement"
 
 
 def capability_statement(base: str, settings: Settings) -> dict[str, Any]:
@@ -95,18 +133,14 @@ def capability_statement(base: str, settings: Settings) -> dict[str, Any]:
             "version": __version__,
         },
         "implementation": {"description": "Regional HIE hub FHIR API", "url": base},
+        "instantiates": [f"{_MHD}/IHE.MHD.DocumentRecipient", f"{_MHD}/IHE.MHD.DocumentResponder"],
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [
             {
                 "mode": "server",
-                "security": {
-                    "cors": False,
-                    "description": "Development build: no authentication yet (see issue #5)."
-                    if settings.env == "development"
-                    else "OAuth2 bearer tokens (SMART on FHIR).",
-                },
+                "security": _security(settings),
                 "resource": resources,
                 "interaction": [
                     {"code": "transaction"},

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
         description="a DICOM association silent (or stalled mid-transfer) this long is aborted",
     )
     dicom_max_associations: int = Field(default=32, description="concurrent DICOM associations")
+    dicom_query_limit: int = Field(
+        default=1000,
+        description="most matches one C-FIND or QIDO-RS query returns (a broad query is cut there)",
+    )
+    dicom_max_upload_bytes: int = Field(
+        default=4 << 30, description="largest STOW-RS request body (streamed, refused beyond)"
+    )
     database_url: str = ""
     blob_url: str = ""
     search_url: str = "embedded"

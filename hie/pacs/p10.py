@@ -21,9 +21,9 @@ from io import BytesIO
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import write_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from hie.pacs.errors import InstanceMismatch, UnreadableInstance
@@ -165,18 +165,36 @@ def check_dataset(raw: bytes, transfer_syntax: str) -> bool:
 
 
 def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1) for a dataset."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    out = BytesIO()
-    out.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return out.getvalue()
+    """Preamble, ``DICM`` and the File Meta Information group (PS3.10 7.1) for a dataset:
+    Explicit VR Little Endian, written directly (building it through pydicom cost ~2 ms on
+    the C-STORE path; the unit tests check the bytes equal pydicom's)."""
+    body = b"".join(
+        (
+            _META_VERSION,
+            _meta_element(0x0002, b"UI", sop_class_uid),
+            _meta_element(0x0003, b"UI", sop_instance_uid),
+            _meta_element(0x0010, b"UI", transfer_syntax),
+            _IMPLEMENTATION,
+        )
+    )
+    return _PREAMBLE + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+
+
+def _meta_element(element: int, vr: bytes, value: str) -> bytes:
+    """One short-length element of group 0002, padded to even length (UI with NUL, PS3.5
+    9.1; other VRs with a space). Characters outside ASCII are replaced, never raised on:
+    the UIDs are checked against the dataset afterwards."""
+    raw = value.encode("ascii", "replace")
+    if len(raw) % 2:
+        raw += b"\x00" if vr == b"UI" else b" "
+    return struct.pack("<HH2sH", 2, element, vr, len(raw)) + raw
+
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+_META_VERSION = struct.pack("<HH2sHI", 2, 1, b"OB", 0, 2) + b"\x00\x01"
+_IMPLEMENTATION = _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID) + _meta_element(
+    0x0013, b"SH", IMPLEMENTATION_VERSION_NAME
+)
 
 
 def read_header(p10: bytes) -> Dataset:
@@ -243,7 +261,7 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
-    if not isinstance(value, str | bytes) and hasattr(value, "__iter__"):
+    if isinstance(value, MultiValue):
         value = "\\".join(str(v) for v in value)  # a multi-valued string
     return str(value).strip().strip("\x00").strip()[:limit]
 

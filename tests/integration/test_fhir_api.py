@@ -7,6 +7,8 @@ from urllib.parse import quote
 
 import pytest
 
+from hie.fhir import model
+
 FJ = {"Content-Type": "application/fhir+json"}
 
 
@@ -89,6 +91,11 @@ def test_metadata_tells_what_is_supported(client) -> None:  # type: ignore[no-un
     pnames = {p["name"] for p in types["Patient"]["searchParam"]}
     assert {"name", "birthdate", "gender", "identifier", "_id", "_lastUpdated"} <= pnames
     assert {"code": "transaction"} in cs["rest"][0]["interaction"]
+    ops = {t: {o["name"] for o in res.get("operation", [])} for t, res in types.items()}
+    assert {"everything", "match", "document-timeline"} <= ops["Patient"]
+    assert ops["DocumentReference"] == {"search-text"}
+    assert any(u.endswith("IHE.MHD.DocumentResponder") for u in cs["instantiates"])
+    model.validate(cs)
 
 
 def test_crud_versions_and_headers(client) -> None:  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ from tests.fixtures.dicom import (
     AE_B,
     EXPLICIT,
     IMPLICIT,
+    MO_A,
     as_transaction,
     bundled_instance,
     ct_instance,
@@ -193,6 +194,14 @@ def test_storescu_sends_a_study_that_appears_as_an_imaging_study(
     # the JPEG instance is kept in the transfer syntax it was sent in
     jrow = running.index.instance(str(jpeg.SOPInstanceUID))
     assert jrow is not None and jrow.transfer_syntax == "1.2.840.10008.1.2.4.50"
+    # each stored instance is audited as the sending MO, about its patient and study
+    records, _ = running.hub.audit.records(subtypes=["store"], count=50)
+    assert len(records) == 6 and {r.outcome for r in records} == {0}
+    assert {(r.agent, r.method, r.source) for r in records} == {
+        (f"dicom:{MO_A}", "DIMSE", "127.0.0.1")
+    }
+    assert {e for r in records for e in r.entities} == {f"ImagingStudy/{row['imaging_study_id']}"}
+    assert len({p for r in records for p in r.patients}) == 1
     # the same files again: every one accepted, nothing changes
     again = running.storescu(*files)
     assert again.returncode == 0, again.stderr

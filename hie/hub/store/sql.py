@@ -262,6 +262,14 @@ class SqlResourceStore:
             *(compiler.cond(c, R, resource_type) for c in conds),
         )
 
+    def ids_select(self, resource_type: str, conds: tuple[Condition, ...]) -> Select[Any]:
+        """A subquery of the ids of live ``resource_type`` resources matching ``conds``, for
+        tables kept beside the store (the DICOM index) to filter on in their own queries."""
+        compiler = _Compiler(self.dialect, resource_type)
+        return select(R.c.id).where(
+            R.c.rtype == resource_type, R.c.deleted == false(), *compiler.where(conds)
+        )
+
     def vread(self, resource_type: str, id: str, version: int) -> StoredResource | None:
         """One version or None."""
         stmt = (

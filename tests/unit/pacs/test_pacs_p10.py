@@ -9,11 +9,15 @@ from io import BytesIO
 
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, CTImageStorage, DeflatedExplicitVRLittleEndian
 
 from hie.pacs.errors import InstanceMismatch, UnreadableInstance
 from hie.pacs.p10 import (
     IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
     check_dataset,
     check_pixels,
     file_meta,
@@ -21,6 +25,9 @@ from hie.pacs.p10 import (
     read_header,
 )
 from tests.fixtures.dicom import EXPLICIT, IMPLICIT, ct_instance, encode, uid
+
+CT = str(CTImageStorage)
+DEFLATED = str(DeflatedExplicitVRLittleEndian)
 
 TEST_FILES = sorted(
     glob.glob(os.path.join(os.path.dirname(pydicom.__file__), "data/test_files/*.dcm"))
@@ -99,6 +106,25 @@ def test_file_meta_is_deterministic_and_readable() -> None:
     assert back.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
     assert back.file_meta.TransferSyntaxUID == IMPLICIT
     assert back.PatientID == "12345"
+
+
+@pytest.mark.parametrize(
+    ("sop_uid", "ts"), [("1.2.3.4", IMPLICIT), ("1.2.3.45", EXPLICIT), ("1.2", DEFLATED)]
+)
+def test_file_meta_bytes_equal_pydicoms(sop_uid: str, ts: str) -> None:
+    """The hand-written group 0002 is what pydicom writes for the same elements (odd and
+    even UID lengths: NUL padding, group length)."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(CT)
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    meta.TransferSyntaxUID = UID(ts)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out = BytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+    assert file_meta(CT, sop_uid, ts) == out.getvalue()
 
 
 def _header(ds: pydicom.Dataset, sop: str | None = None) -> object:
