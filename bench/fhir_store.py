@@ -54,6 +54,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def append_result(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` (after the time and host) as one JSON line to ``path``."""
+    line = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
     k = max(0, min(len(values) - 1, round(p / 100 * (len(values) - 1))))

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fhir_store import free_port, hub_server  # noqa: E402
+from fhir_store import append_result, free_port, hub_server  # noqa: E402
 
 from hie.fhir.service import FhirService  # noqa: E402
 from hie.hub.runtime import open_hub  # noqa: E402
@@ -400,21 +399,15 @@ def run_find(studies: int) -> None:
     worst = max(r["p95"] for r in summary.values())
     verdict = "met" if worst <= FIND_TARGET_MS else "NOT met"
     print(f"\nworst p95 {worst:.1f} ms; target ≤ {FIND_TARGET_MS:.0f} ms {verdict}")
-    FIND_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with FIND_RESULTS.open("a") as f:
-        f.write(
-            json.dumps(
-                {
-                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "host": platform.node(),
-                    "studies": studies,
-                    "database": "sqlite",
-                    "client_poll_ms": CLIENT_POLL * 1000,
-                    "ms": summary,
-                }
-            )
-            + "\n"
-        )
+    append_result(
+        FIND_RESULTS,
+        {
+            "studies": studies,
+            "database": "sqlite",
+            "client_poll_ms": CLIENT_POLL * 1000,
+            "ms": summary,
+        },
+    )
 
 
 def main() -> None:
@@ -450,20 +443,14 @@ def main() -> None:
     print(f"\nhub / storescp: {ceiling / hub_s:.0%} of the instance rate")
     if rows["Orthanc"]:
         print(f"hub / Orthanc: {rows['Orthanc'] / hub_s:.2f}×")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(
-            json.dumps(
-                {
-                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "host": platform.node(),
-                    "instances": len(files),
-                    "megabytes": round(mb, 1),
-                    "seconds": {k: (round(v, 3) if v else None) for k, v in rows.items()},
-                }
-            )
-            + "\n"
-        )
+    append_result(
+        RESULTS,
+        {
+            "instances": len(files),
+            "megabytes": round(mb, 1),
+            "seconds": {k: (round(v, 3) if v else None) for k, v in rows.items()},
+        },
+    )
 
 
 if __name__ == "__main__":

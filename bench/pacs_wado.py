@@ -23,8 +23,6 @@ the same kind of series to a storescp by C-MOVE at ~240 MB/s (C-GET ~310 MB/s).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fhir_store import AUTH, hub_server  # noqa: E402
+from fhir_store import AUTH, append_result, hub_server  # noqa: E402
 
 from hie.fhir.service import FhirService  # noqa: E402
 from hie.hub.runtime import open_hub  # noqa: E402
@@ -165,28 +163,20 @@ def main() -> None:
         vol = (received[name] if name == "series metadata" else size) / 1e6
         unit = "" if name != "series metadata" else "  (JSON MB)"
         print(f"{name:<28}{best:>9.3f}{med:>10.3f}{vol / best:>11.1f}{vol / med:>10.1f}{unit}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(
-            json.dumps(
-                {
-                    "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "host": platform.node(),
-                    "instances": len(files),
-                    "megabytes": round(mb, 1),
-                    "stow_seconds": round(stow_s, 3),
-                    "runs": args.runs,
-                    "seconds": {k: [round(x, 4) for x in v] for k, v in rows.items()},
-                    "mb_per_s_best": {
-                        k: round(
-                            (received[k] if k == "series metadata" else size) / 1e6 / min(v), 1
-                        )
-                        for k, v in rows.items()
-                    },
-                }
-            )
-            + "\n"
-        )
+    append_result(
+        RESULTS,
+        {
+            "instances": len(files),
+            "megabytes": round(mb, 1),
+            "stow_seconds": round(stow_s, 3),
+            "runs": args.runs,
+            "seconds": {k: [round(x, 4) for x in v] for k, v in rows.items()},
+            "mb_per_s_best": {
+                k: round((received[k] if k == "series metadata" else size) / 1e6 / min(v), 1)
+                for k, v in rows.items()
+            },
+        },
+    )
 
 
 if __name__ == "__main__":

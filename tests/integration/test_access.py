@@ -11,7 +11,17 @@ import pytest
 
 from hie.hub.auth import DEV_ISSUER, DevTokenIssuer
 from tests.fixtures.auth import bearer
-from tests.fixtures.records import FJ, GOLDEN, encounter, golden_id, observation, person, post
+from tests.fixtures.records import (
+    FJ,
+    GOLDEN,
+    closing,
+    consent,
+    encounter,
+    golden_id,
+    observation,
+    person,
+    post,
+)
 
 NO_AUTH = {"Authorization": ""}  # drops the client fixture's default token
 
@@ -69,23 +79,6 @@ def test_a_good_token_is_served(client) -> None:  # type: ignore[no-untyped-def]
 # --- the policy over HTTP: patient A may never see patient B -----------------------------------
 
 
-def _consent(pid: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                    "code": "patient-privacy",
-                }
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{pid}"},
-    }
-
-
 @pytest.fixture
 def city(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     """Two people with records (written by the hub's service role) and a practitioner."""
@@ -95,7 +88,7 @@ def city(client) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     golden = {who: golden_id(client, p["id"]) for who, p in (("a", a), ("b", b))}
     obs_a = [post(client, observation(a["id"], 120 + i, pr["id"]))["id"] for i in range(3)]
     obs_b = [post(client, observation(b["id"], 90 + i, pr["id"]))["id"] for i in range(2)]
-    consent_b = post(client, _consent(b["id"]))["id"]
+    consent_b = post(client, consent(b["id"]))["id"]
     for who in (a, b):  # both are being treated at MO 12 and MO 40
         for org in ("mo-12", "mo-40"):
             post(client, encounter(who["id"], org))
@@ -202,15 +195,15 @@ def test_patient_everything_is_only_their_own(client, city) -> None:  # type: ig
     assert not ids & {city["b"], *city["obs_b"], city["consent_b"]}
 
 
-def test_patient_writes_only_their_consent(client, city) -> None:  # type: ignore[no-untyped-def]
+def test_patient_writes_only_theirconsent(client, city) -> None:  # type: ignore[no-untyped-def]
     me = {**FJ, **_as(client, "patient", patient=city["golden_a"])}
-    r = client.post("/fhir/Consent", json=_consent(city["a"]), headers=me)
+    r = client.post("/fhir/Consent", json=consent(city["a"]), headers=me)
     assert r.status_code == 201, r.text
     own = r.json()["id"]
-    r = client.post("/fhir/Consent", json=_consent(city["b"]), headers=me)
+    r = client.post("/fhir/Consent", json=consent(city["b"]), headers=me)
     assert r.status_code == 403
     # overwriting B's Consent under its id, even pointing it at A, is refused
-    body = {**_consent(city["a"]), "id": city["consent_b"]}
+    body = {**consent(city["a"]), "id": city["consent_b"]}
     r = client.put(f"/fhir/Consent/{city['consent_b']}", json=body, headers=me)
     assert r.status_code == 403
     assert client.delete(f"/fhir/Consent/{city['consent_b']}", headers=me).status_code == 403
@@ -222,7 +215,7 @@ def test_patient_writes_only_their_consent(client, city) -> None:  # type: ignor
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {"resource": _consent(city["b"]), "request": {"method": "POST", "url": "Consent"}}
+            {"resource": consent(city["b"]), "request": {"method": "POST", "url": "Consent"}}
         ],
     }
     assert client.post("/fhir", json=bundle, headers=me).status_code == 403
@@ -356,28 +349,6 @@ def test_request_floods_get_429_with_retry_after(store_url, settings_for) -> Non
 # --- patient consent and break-the-glass ------------------------------------------------------
 
 
-def _closing(pid: str, kind: str, orgs: list[str]) -> dict[str, Any]:
-    consent = _consent(pid)
-    provision: dict[str, Any] = {"type": kind}
-    if orgs:
-        provision["actor"] = [
-            {
-                "role": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                            "code": "IRCP",
-                        }
-                    ]
-                },
-                "reference": {"reference": f"Organization/{o}"},
-            }
-            for o in orgs
-        ]
-    consent["provision"] = provision
-    return consent
-
-
 def _seen(client, headers: dict[str, str]) -> set[str]:  # type: ignore[no-untyped-def]
     r = client.get("/fhir/Observation?_total=accurate&_count=100", headers=headers)
     assert r.status_code == 200, r.text
@@ -391,7 +362,7 @@ def test_consent_closes_a_record_to_named_mos_immediately(client, city) -> None:
     mo40 = _as(client, "clinician", org="mo-40")
     everything = set(city["obs_a"]) | set(city["obs_b"])
     assert _seen(client, mo12) >= everything
-    consent = post(client, _closing(city["a"], "deny", ["mo-12"]))["id"]
+    consent = post(client, closing(city["a"], "deny", ["mo-12"]))["id"]
     seen12 = _seen(client, mo12)
     assert not seen12 & set(city["obs_a"]) and set(city["obs_b"]) <= seen12
     assert client.get(f"/fhir/Observation/{city['obs_a'][0]}", headers=mo12).status_code == 403
@@ -408,8 +379,8 @@ def test_consent_closes_a_record_to_named_mos_immediately(client, city) -> None:
 def test_deny_everyone_and_allow_only(client, city) -> None:  # type: ignore[no-untyped-def]
     mo12 = _as(client, "clinician", org="mo-12")
     mo40 = _as(client, "clinician", org="mo-40")
-    post(client, _closing(city["b"], "deny", []))  # B: closed to every MO
-    post(client, _closing(city["a"], "permit", ["mo-40"]))  # A: only MO 40
+    post(client, closing(city["b"], "deny", []))  # B: closed to every MO
+    post(client, closing(city["a"], "permit", ["mo-40"]))  # A: only MO 40
     assert not _seen(client, mo12) & (set(city["obs_a"]) | set(city["obs_b"]))
     seen40 = _seen(client, mo40)
     assert set(city["obs_a"]) <= seen40 and not seen40 & set(city["obs_b"])
@@ -419,7 +390,7 @@ def test_deny_everyone_and_allow_only(client, city) -> None:  # type: ignore[no-
 
 
 def test_break_the_glass_is_allowed_audited_and_notified(client, city) -> None:  # type: ignore[no-untyped-def]
-    post(client, _closing(city["a"], "deny", ["mo-12"]))
+    post(client, closing(city["a"], "deny", ["mo-12"]))
     doc = _as(client, "clinician", org="mo-12", practitioner=city["practitioner"])
     glass = {**doc, "X-Purpose-Of-Use": "ETREAT"}
     # no reason, no entry
@@ -466,7 +437,7 @@ def test_smart_configuration_is_open_and_says_what_is_accepted(client) -> None: 
 
 
 def test_match_does_not_show_a_closed_record(client, city) -> None:  # type: ignore[no-untyped-def]
-    post(client, _closing(city["a"], "deny", ["mo-12"]))
+    post(client, closing(city["a"], "deny", ["mo-12"]))
     params = {
         "resourceType": "Parameters",
         "parameter": [{"name": "resource", "resource": person("Смирнова", "Ольга", "1980-01-02")}],
@@ -582,7 +553,7 @@ def test_consent_can_close_one_sensitive_category(client, city) -> None:  # type
     labels = [(s["system"], s["code"]) for s in psy["meta"].get("security", [])]
     assert labels == [("http://terminology.hl7.org/CodeSystem/v3-ActCode", "PSY")]
     assert "security" not in flu["meta"]
-    consent = _closing(city["a"], "deny", ["mo-12"])
+    consent = closing(city["a"], "deny", ["mo-12"])
     consent["provision"]["securityLabel"] = [
         {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY"}
     ]
@@ -652,7 +623,7 @@ def test_a_parent_reads_a_young_childs_record_and_no_one_elses(client, city) -> 
     r = client.get("/fhir/Observation", headers=as_mum_for["girl"])
     assert r.status_code == 403 and "proxy" in r.text
     permit = {
-        **_consent(fam["girl"]),
+        **consent(fam["girl"]),
         "provision": {
             "type": "permit",
             "actor": [

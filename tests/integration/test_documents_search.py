@@ -19,7 +19,7 @@ from hie.fhir.document_content import CDA_MEDIA_TYPE
 from hie.fhir.document_search import SNIPPET_EXTENSION
 from tests.fixtures.auth import bearer
 from tests.fixtures.documents import CDA_SECTIONS, make_cda, make_pdf, store_document
-from tests.fixtures.records import FJ, encounter, golden_id, person, post
+from tests.fixtures.records import FJ, closing, encounter, golden_id, person, post
 
 PNEUMONIA = "Внебольничная пневмония нижней доли правого легкого"
 ORG_NAMES = {
@@ -249,37 +249,7 @@ def test_search_text_follows_the_grant(app, city) -> None:  # type: ignore[no-un
     other = as_(app, "patient", patient=city["golden_b"])
     assert ids(search(app, "пневмония", headers=other)) == [d["b"]]
     # A closes her record to MO 12: gone from its searches at once
-    deny = {
-        "resourceType": "Consent",
-        "status": "active",
-        "scope": {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                    "code": "patient-privacy",
-                }
-            ]
-        },
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": {"reference": f"Patient/{city['a']}"},
-        "provision": {
-            "type": "deny",
-            "actor": [
-                {
-                    "role": {
-                        "coding": [
-                            {
-                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                "code": "IRCP",
-                            }
-                        ]
-                    },
-                    "reference": {"reference": "Organization/mo-12"},
-                }
-            ],
-        },
-    }
-    post(app, deny)
+    post(app, closing(city["a"], "deny", ["mo-12"]))
     assert search(app, "пневмония", headers=mo12)["total"] == 0
     assert set(ids(search(app, "пневмония", headers=me))) == a_docs  # not the patient's own
     # an official never gets rows

@@ -24,12 +24,10 @@ from hie.pacs.errors import (
 )
 from hie.pacs.index import DicomIndex
 from hie.pacs.p10 import read_header
-from hie.pacs.storage import Received, StorageService
+from hie.pacs.storage import StorageService
 from hie.registries.patient_index import attach_mpi
 from hie.registries.senders import RegisteredMo
 from tests.fixtures.dicom import (
-    AE_A,
-    AE_B,
     IMPLICIT,
     MO_A,
     MO_B,
@@ -40,6 +38,7 @@ from tests.fixtures.dicom import (
     ct_instance,
     dicom_registry,
     encode,
+    store_as,
     uid,
 )
 
@@ -61,15 +60,7 @@ class Archive:
         return found
 
     def send(self, ds: Any, org: str = MO_A, ts: str = IMPLICIT, raw: bytes | None = None) -> Any:
-        rx = Received(
-            dataset=raw if raw is not None else encode(ds, ts),
-            transfer_syntax=ts,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            calling_ae=AE_A if org == MO_A else AE_B,
-            peer="127.0.0.1:40000",
-        )
-        return self.storage.store(rx, self.mo(org))
+        return store_as(self.storage, ds, org, ts, raw)
 
     def resource(self, rtype: str, id: str) -> dict[str, Any]:
         stored = self.hub.store.read(rtype, id)

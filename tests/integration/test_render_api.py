@@ -19,11 +19,10 @@ from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from hie.fhir.app import create_app
 from hie.fhir.service import FhirService
 from hie.hub.runtime import Hub, open_hub
-from hie.pacs.storage import Received, StorageService
+from hie.pacs.storage import StorageService
 from hie.registries.patient_index import attach_mpi
 from tests.fixtures.auth import bearer
 from tests.fixtures.dicom import (
-    AE_A,
     IMPLICIT,
     MO_A,
     MO_B,
@@ -31,7 +30,7 @@ from tests.fixtures.dicom import (
     bundled_instance,
     ct_instance,
     dicom_registry,
-    encode,
+    store_as,
     uid,
 )
 
@@ -48,17 +47,7 @@ class Archive:
         self.storage = StorageService(svc, hub.blobs, hub.rejected)
 
     def send(self, ds: Any, ts: str = IMPLICIT) -> Any:
-        mo = self.storage.senders.mo(MO_A)
-        assert mo is not None
-        rx = Received(
-            dataset=encode(ds, ts),
-            transfer_syntax=ts,
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            calling_ae=AE_A,
-            peer="127.0.0.1:40000",
-        )
-        return self.storage.store(rx, mo)
+        return store_as(self.storage, ds, MO_A, ts)
 
     def url(self, ds: Any, tail: str = "rendered") -> str:
         return (
