@@ -5,7 +5,10 @@ Never log patient names or identifiers: log resource types, ids and codes only.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
+import signal
 import sys
 from collections.abc import MutableMapping
 from contextvars import ContextVar
@@ -82,6 +85,13 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # ``kill -USR1 <pid>`` writes every thread's stack to stderr: what a stuck process is
+    # waiting for, without stopping it (the process's own stderr: the log file under
+    # ``hie serve``). A one-process hub and each HTTP worker process answer it; uvicorn's
+    # supervisor of several workers keeps USR1 for itself
+    if sys.__stderr__ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
