@@ -66,6 +66,7 @@ from pynetdicom.sop_class import _STORAGE_CLASSES as STORAGE_CLASSES
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
+from hie.adapters import dicom_reactor
 from hie.fhir.service import FhirService
 from hie.hub.auth import Forbidden, acting_as
 from hie.hub.errors import HieError, StorageError
@@ -180,6 +181,7 @@ class DicomListener:
         self.senders = senders or storage.senders
         self.ae_title = settings.dicom_ae_title.strip()
         self._callers: weakref.WeakKeyDictionary[Association, Caller] = weakref.WeakKeyDictionary()
+        self._storing: weakref.WeakSet[Association] = weakref.WeakSet()  # stored something
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
         self._reports: set[threading.Thread] = set()
@@ -190,6 +192,7 @@ class DicomListener:
         # pynetdicom logs every association and message at INFO (dataset summaries at DEBUG):
         # the hub logs its own structured lines, without patient data
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        dicom_reactor.install()
         ae = AE(ae_title=self.ae_title)
         timeout = self.settings.dicom_timeout_seconds
         ae.network_timeout = timeout
@@ -220,6 +223,8 @@ class DicomListener:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_GET, self._on_get),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
         ]
         address = (self.settings.dicom_host, self.settings.dicom_port)
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
@@ -245,6 +250,7 @@ class DicomListener:
 
     @staticmethod
     def _on_connection(event: evt.Event) -> None:
+        dicom_reactor.tune(event.assoc)
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             try:
@@ -276,6 +282,19 @@ class DicomListener:
             self._callers[assoc] = Caller(mo, calling, host, port)
         log.info("dicom.associated", mo=mo.id, ae_title=calling, peer=host)
 
+    def _on_end(self, event: evt.Event) -> None:
+        """An association that stored instances ended: its studies' ImagingStudy counts are
+        brought up to date now (the worker's pass would within a second)."""
+        with self._lock:
+            stored = event.assoc in self._storing
+            self._storing.discard(event.assoc)
+        if not stored:
+            return
+        try:
+            self.storage.refresh_summaries()
+        except Exception as exc:  # noqa: BLE001 - the worker's pass retries; the sender is gone
+            log.error("dicom.summary_failed", error=type(exc).__name__)
+
     @staticmethod
     def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
         assoc.acse.send_reject(*reason)
@@ -306,6 +325,8 @@ class DicomListener:
             calling_ae=caller.ae_title,
             peer=caller.peer,
         )
+        with self._lock:
+            self._storing.add(event.assoc)
         try:
             done = self.storage.store(rx, caller.mo)
         except DicomRefused as err:

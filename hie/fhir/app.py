@@ -318,8 +318,11 @@ def app_from_env() -> FastAPI:
 
 def background_work(hub: Hub) -> None:
     """Register what the worker process runs (once per hub): the full-text indexer and the
-    critical-result alerts (outbox consumers), and the alert escalator (a job)."""
+    critical-result alerts (outbox consumers), and the alert escalator and the ImagingStudy
+    count refresher (jobs)."""
+    from hie.hub.store.sql import SqlResourceStore
     from hie.lab_exchange.alerts import AlertEscalator, CriticalResultAlerts
+    from hie.pacs.storage import SummaryRefresher
 
     names = {c.name for c in hub.consumers}
     svc = FhirService(hub.store, hub.settings, trail=hub.audit)  # the hub's own writes
@@ -337,6 +340,8 @@ def background_work(hub: Hub) -> None:
     if CriticalResultAlerts.name not in names:
         hub.add_consumers([CriticalResultAlerts(hub.store, svc, hub.settings)])
         hub.add_jobs([AlertEscalator(hub.store, svc, hub.settings)])
+        if isinstance(hub.store, SqlResourceStore):  # the DICOM index lives beside it
+            hub.add_jobs([SummaryRefresher(svc, hub.settings.dicom_summary_seconds)])
 
 
 def create_app(

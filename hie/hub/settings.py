@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     dicom_max_upload_bytes: int = Field(
         default=4 << 30, description="largest STOW-RS request body (streamed, refused beyond)"
     )
+    dicom_summary_seconds: float = Field(
+        default=1.0,
+        description="how often the worker brings ImagingStudy instance counts up to the index",
+    )
     database_url: str = ""
     blob_url: str = ""
     search_url: str = "embedded"

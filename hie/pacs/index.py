@@ -122,11 +122,13 @@ _Q_STUDY = _STUDY_SELECT.where(ST.c.study_uid == bindparam("uid"))
 _Q_PATIENT = select(P.c.pk).where(P.c.patient_ref == bindparam("ref"))
 _Q_SERIES = select(SE.c.pk, SE.c.study_pk).where(SE.c.series_uid == bindparam("uid"))
 _Q_STUDY_COUNT = select(ST.c.num_instances).where(ST.c.pk == bindparam("spk"))
+# one more instance in a known series: the ImagingStudy is rewritten later (stale)
 _U_STUDY = (
     update(ST)
     .where(ST.c.pk == bindparam("spk"))
-    .values(num_instances=ST.c.num_instances + 1, updated=bindparam("when"))
+    .values(num_instances=ST.c.num_instances + 1, updated=bindparam("when"), stale=1)
 )
+# one more series: the instance's transaction rewrites the ImagingStudy (current again)
 _U_STUDY_SERIES = (
     update(ST)
     .where(ST.c.pk == bindparam("spk"))
@@ -134,7 +136,12 @@ _U_STUDY_SERIES = (
         num_instances=ST.c.num_instances + 1,
         num_series=ST.c.num_series + 1,
         updated=bindparam("when"),
+        stale=0,
     )
+)
+_U_CLAIM_STALE = update(ST).where(ST.c.pk == bindparam("spk"), ST.c.stale == 1).values(stale=0)
+_Q_SUMMARY = select(ST.c.imaging_study_id, ST.c.owner, ST.c.num_instances).where(
+    ST.c.pk == bindparam("spk")
 )
 _U_SERIES = (
     update(SE).where(SE.c.pk == bindparam("sepk")).values(num_instances=SE.c.num_instances + 1)
@@ -222,6 +229,15 @@ class IndexTx:
         rows = self.conn.execute(_Q_SERIES_OF, {"spk": study_pk}).all()
         return [SeriesSummary(*r) for r in rows]
 
+    def claim_stale(self, study_pk: int) -> tuple[str, str | None, int] | None:
+        """Clear a study's stale mark (row-locking it until the transaction ends, so an
+        instance arriving meanwhile marks it again after) and return its ImagingStudy id,
+        owner and instance count; None when it was not stale."""
+        if self.conn.execute(_U_CLAIM_STALE, {"spk": study_pk}).rowcount != 1:
+            return None
+        row = self.conn.execute(_Q_SUMMARY, {"spk": study_pk}).one()
+        return str(row.imaging_study_id), row.owner, int(row.num_instances)
+
 
 class DicomIndex:
     """Reads of the DICOM index (its own short read transactions)."""
@@ -271,6 +287,12 @@ class DicomIndex:
         )
         with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def stale_studies(self, limit: int) -> list[int]:
+        """Keys of studies whose ImagingStudy lags their counts (at most ``limit``)."""
+        stmt = select(ST.c.pk).where(ST.c.stale == 1).order_by(ST.c.pk).limit(limit)
+        with self._read() as conn:
+            return [int(r[0]) for r in conn.execute(stmt)]
 
     def studies_of_person(self, patient_ref: str) -> list[str]:
         """Study Instance UIDs of every study of the person ``patient_ref`` names — a golden

@@ -1,7 +1,7 @@
 """The DICOM index: patient, study, series and instance rows in the resource store's database.
 
-Created by migration ``0004_dicom_index`` (which spells the same tables out, as migrations
-must not import application code; ``tests/unit/pacs/test_pacs_schema.py`` checks that the two
+Created by migrations ``0004_dicom_index`` and ``0005_dicom_study_stale`` (which spell the
+same tables out, as migrations must not import application code; a test checks that the two
 agree). One set of SQLAlchemy Core tables for SQLite and PostgreSQL.
 
 What each level keeps is what C-FIND (PS3.4 C.6.1.1 / C.6.2.1 unique and required keys) and
@@ -71,8 +71,13 @@ dicom_studies = Table(
     Column("owner", String(64), nullable=True),
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
+    # 1 while the ImagingStudy shows fewer instances than these rows: instances added to a
+    # known series update only the counts here, and a background pass rewrites the
+    # ImagingStudy (hie.pacs.storage.StorageService.refresh_summaries)
+    Column("stale", Integer, nullable=False, server_default="0"),
 )
 Index("ix_dicom_studies_patient", dicom_studies.c.patient_pk)
+Index("ix_dicom_studies_stale", dicom_studies.c.stale)
 Index("ix_dicom_studies_date", dicom_studies.c.study_date)
 Index("ix_dicom_studies_accession", dicom_studies.c.accession)
 Index("ix_dicom_studies_updated", dicom_studies.c.updated)

@@ -16,8 +16,10 @@ naming the DIMSE status to answer. The stages, in order:
 4. **persist** — the Part 10 file goes to the blob store (content-addressed, synced to disk);
    then, in **one transaction** as the sending MO: its source Patient (found by its number,
    or created and matched to the golden record by the master patient index), the index rows
-   (patient, study, series, instance) and the study's ImagingStudy, rewritten with the new
-   counts. Success is returned only after that commit.
+   (patient, study, series, instance) and, when the instance starts a study or a series, the
+   study's ImagingStudy. Success is returned only after that commit. An instance of a known
+   series marks the study stale instead; :meth:`StorageService.refresh_summaries` rewrites
+   its ImagingStudy's counts shortly after.
 
 A blob stored for a transaction that then fails is left behind unreferenced (harmless:
 content-addressed, and a later retry of the same bytes reuses it); an index row never points
@@ -32,11 +34,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from hie.fhir.service import MPI_SYSTEM, FhirService, new_id
 from hie.hub.auth import acting_as
 from hie.hub.blobs.port import BlobInfo, BlobStore
 from hie.hub.errors import HieError, InvalidResource, StorageError, VersionConflict
 from hie.hub.logging import get_logger
+from hie.hub.outbox import Poller
 from hie.hub.rejected import RejectedStore
 from hie.hub.store.port import TokenCond, WriteTx
 from hie.hub.store.sql import now_us
@@ -53,6 +58,7 @@ from hie.pacs.imaging_study import (
     StudySummary,
     dicomweb_endpoint,
     imaging_study,
+    with_counts,
 )
 from hie.pacs.index import DicomIndex, IndexTx, InstanceRow, StudyRow, connection_of
 from hie.pacs.p10 import (
@@ -278,30 +284,30 @@ class StorageService:
                     "received": when,
                 }
             )
-            series = ix.series_of(study.pk)
-            if found is None:
+            if found is None:  # a new study or series: the ImagingStudy lists it now
+                series = ix.series_of(study.pk)
                 modalities = sorted({x.modality for x in series if x.modality})
                 ix.set_modalities(study.pk, "\\".join(modalities)[:255])
-            summary = StudySummary(
-                study_uid=study.study_uid,
-                study_date=study.study_date,
-                study_time=study.study_time,
-                accession=study.accession,
-                description=study.description,
-                referring=study.referring,
-                num_instances=total,
-                timezone_offset=hdr.timezone_offset,
-            )
-            res = imaging_study(summary, series, study.patient_ref)
-            self.svc.write_internal(
-                tx,
-                res,
-                "ImagingStudy",
-                study.imaging_study_id,
-                when,
-                fresh=new_study,
-                owner=study.owner or mo.id,
-            )
+                summary = StudySummary(
+                    study_uid=study.study_uid,
+                    study_date=study.study_date,
+                    study_time=study.study_time,
+                    accession=study.accession,
+                    description=study.description,
+                    referring=study.referring,
+                    num_instances=total,
+                    timezone_offset=hdr.timezone_offset,
+                )
+                res = imaging_study(summary, series, study.patient_ref)
+                self.svc.write_internal(
+                    tx,
+                    res,
+                    "ImagingStudy",
+                    study.imaging_study_id,
+                    when,
+                    fresh=new_study,
+                    owner=study.owner or mo.id,
+                )
             _durable(blob)  # the blob is on disk before the rows that name it commit
         return Stored(
             hdr.sop_uid,
@@ -393,6 +399,12 @@ class StorageService:
             ) from err
         return stored.id
 
+    # --- ImagingStudy counts ----------------------------------------------------------------
+
+    def refresh_summaries(self, limit: int = 500) -> int:
+        """See :func:`refresh_summaries` (the listener calls it when an association ends)."""
+        return refresh_summaries(self.svc, self.index, limit)
+
     # --- refusals --------------------------------------------------------------------------
 
     def _keep(self, rx: Received, mo: RegisteredMo, err: DicomRefused) -> None:
@@ -425,6 +437,43 @@ class StorageService:
             )
         except Exception as exc:  # noqa: BLE001 - the rejected store itself is down
             log.error("pacs.keep_failed", error=type(exc).__name__)
+
+
+def refresh_summaries(svc: FhirService, index: DicomIndex, limit: int = 500) -> int:
+    """Bring the ImagingStudy of up to ``limit`` stale studies to the index's counts, one
+    short transaction each; returns how many were rewritten. Runs as a job of the worker
+    (:class:`SummaryRefresher`), when an association ends, and so after a crash too (the
+    stale mark is in the database)."""
+    done = 0
+    for study_pk in index.stale_studies(limit):
+        with svc.store.transaction() as tx:
+            ix = IndexTx(connection_of(tx))
+            claimed = ix.claim_stale(study_pk)
+            if claimed is None:  # another pass got there first
+                continue
+            imaging_study_id, owner, total = claimed
+            cur = tx.current("ImagingStudy", imaging_study_id)
+            if cur is None or cur.content is None:  # deleted by an operator: not revived
+                continue
+            res = with_counts(orjson.loads(cur.content), total, ix.series_of(study_pk))
+            svc.write_internal(tx, res, "ImagingStudy", imaging_study_id, now_us(), owner=owner)
+        done += 1
+    return done
+
+
+class SummaryRefresher(Poller):
+    """The worker's job that keeps ImagingStudy counts current (``HIE_DICOM_SUMMARY_SECONDS``)."""
+
+    thread_name = "hie-imaging-study"
+    batch = 500
+
+    def __init__(self, svc: FhirService, poll_seconds: float) -> None:
+        super().__init__(poll_seconds)
+        self.svc = svc
+        self.index = DicomIndex(svc.store)
+
+    def tick(self) -> bool:
+        return refresh_summaries(self.svc, self.index, self.batch) == self.batch
 
 
 def _again(seen: InstanceRow, key: str, hdr: Header) -> Stored:

@@ -116,7 +116,19 @@ def test_an_instance_becomes_index_rows_a_blob_a_patient_and_an_imaging_study(
 def test_the_imaging_study_follows_the_instances_as_they_arrive(archive: Archive) -> None:
     study_uid, s1, s2 = uid(), uid(), uid()
     for n in range(3):
-        archive.send(ct_instance(study_uid=study_uid, series_uid=s1, instance_number=n + 1))
+        first = archive.send(ct_instance(study_uid=study_uid, series_uid=s1, instance_number=n + 1))
+    # instances of a known series count in the index at once; the ImagingStudy follows when
+    # the refresher passes (the worker's job, or the end of the association)
+    study = archive.resource("ImagingStudy", first.imaging_study_id)
+    assert study["numberOfInstances"] == 1 and study["meta"]["versionId"] == "1"
+    assert archive.index.study(study_uid)["stale"] == 1  # type: ignore[index]
+    assert archive.storage.refresh_summaries() == 1
+    study = archive.resource("ImagingStudy", first.imaging_study_id)
+    model.validate(dict(study))
+    assert study["numberOfInstances"] == 3 and study["series"][0]["numberOfInstances"] == 3
+    assert study["meta"]["versionId"] == "2" and study["started"] == "2024-03-15T10:15:00+03:00"
+    assert archive.storage.refresh_summaries() == 0  # nothing stale: nothing rewritten
+    # a new series is written into the ImagingStudy by its first instance's transaction
     last = archive.send(
         ct_instance(study_uid=study_uid, series_uid=s2, series_number=2, modality="SR")
     )
@@ -125,15 +137,27 @@ def test_the_imaging_study_follows_the_instances_as_they_arrive(archive: Archive
     assert study["numberOfInstances"] == 4 and study["numberOfSeries"] == 2
     assert [s["numberOfInstances"] for s in study["series"]] == [3, 1]
     assert [m["code"] for m in study["modality"]] == ["CT", "SR"]
-    assert study["meta"]["versionId"] == "4"
+    assert study["meta"]["versionId"] == "3"
     row = archive.index.study(study_uid)
     assert row is not None and row["modalities"] == "CT\\SR" and row["num_instances"] == 4
+    assert row["stale"] == 0
     assert archive.index.counts() == {
         "dicom_patients": 1,
         "dicom_studies": 1,
         "dicom_series": 2,
         "dicom_instances": 4,
     }
+
+
+def test_stale_counts_are_caught_up_by_a_new_storage_service(archive: Archive) -> None:
+    """The stale mark is in the database: a hub restarted after a crash catches up."""
+    study_uid, series = uid(), uid()
+    for n in range(4):
+        done = archive.send(ct_instance(study_uid=study_uid, series_uid=series, instance_number=n))
+    restarted = StorageService(archive.svc, archive.hub.blobs, archive.hub.rejected)
+    assert restarted.refresh_summaries() == 1
+    study = archive.resource("ImagingStudy", done.imaging_study_id)
+    assert study["numberOfInstances"] == 4 and study["series"][0]["numberOfInstances"] == 4
 
 
 def test_the_same_instance_again_is_accepted_and_changes_nothing(archive: Archive) -> None:
@@ -318,8 +342,10 @@ def test_concurrent_senders_of_one_new_study_all_land_once(archive: Archive) -> 
     for t in threads:
         t.join(120)
     assert errors == []
+    archive.storage.refresh_summaries()
     row = archive.index.study(study)
     assert row is not None and row["num_instances"] == 20 and row["num_series"] == 4
+    assert row["stale"] == 0
     res = archive.resource("ImagingStudy", row["imaging_study_id"])
     assert res["numberOfInstances"] == 20 and len(res["series"]) == 4
     assert sum(s["numberOfInstances"] for s in res["series"]) == 20
