@@ -7,7 +7,9 @@ Generates one study set (``--series`` CT series of ``--per-series`` instances, 5
 - the hub: a real ``hie serve`` process with its DICOM listener (embedded SQLite store and
   filesystem blobs, every instance durable before its response);
 - dcmtk's ``storescp`` writing files to disk (the practical ceiling);
-- Orthanc, when its Debian package is installed (``Orthanc`` on the PATH).
+- Orthanc, when its Debian package is installed (``Orthanc`` on the PATH);
+- a pynetdicom SCP that keeps nothing, with stock and with the hub's tuned association loops
+  (the ceiling of any receiver on pynetdicom).
 
 Prints instances/s and MB/s for each and the hub's ratios, and appends one JSON line to
 ``bench/results/pacs.jsonl``.
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +204,46 @@ def run_orthanc(work: Path, data: Path) -> float | None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def serve_do_nothing(port: int, tuned: bool) -> None:
+    """A pynetdicom SCP that accepts every instance and keeps none: the most any SCP built on
+    pynetdicom can take, with its association loops stock or as the hub tunes them
+    (``hie.adapters.dicom_reactor``). Runs until killed."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    from hie.adapters import dicom_reactor
+
+    def on_store(event: Any) -> int:
+        event.encoded_dataset(include_meta=False)  # the bytes as the hub takes them
+        return 0
+
+    handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
+    if tuned:
+        dicom_reactor.install()
+        handlers.append((evt.EVT_CONN_OPEN, lambda event: dicom_reactor.tune(event.assoc)))
+    ae = AE(ae_title="NOTHING")
+    ae.maximum_pdu_size = 0
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.start_server(("127.0.0.1", port), evt_handlers=handlers)
+
+
+def run_do_nothing(data: Path, tuned: bool) -> float:
+    port = free_port()
+    mode = "tuned" if tuned else "stock"
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--do-nothing-scp", mode, str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port, proc)
+        return storescu(port, "NOTHING", data)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 # --- C-FIND ----------------------------------------------------------------------------------
@@ -416,7 +459,11 @@ def main() -> None:
     ap.add_argument("--per-series", type=int, default=200)
     ap.add_argument("--small", type=int, default=500)
     ap.add_argument("--find", type=int, metavar="STUDIES", help="measure C-FIND instead")
+    ap.add_argument("--do-nothing-scp", nargs=2, metavar=("stock|tuned", "PORT"), help=SUPPRESS)
     args = ap.parse_args()
+    if args.do_nothing_scp:
+        serve_do_nothing(int(args.do_nothing_scp[1]), args.do_nothing_scp[0] == "tuned")
+        return
     if args.find:
         run_find(args.find)
         return
@@ -429,16 +476,18 @@ def main() -> None:
         rows: dict[str, float | None] = {}
         rows["storescp (disk)"] = run_storescp(work, data)
         rows["Orthanc"] = run_orthanc(work, data)
+        rows["pynetdicom, stock"] = run_do_nothing(data, tuned=False)
+        rows["pynetdicom, tuned"] = run_do_nothing(data, tuned=True)
         hub_s, stored = run_hub(work, data)
         rows["hie hub"] = hub_s
         if stored != len(files):
             raise RuntimeError(f"the hub stored {stored} of {len(files)} instances")
-    print(f"\n{'receiver':<18}{'seconds':>10}{'instances/s':>14}{'MB/s':>10}")
+    print(f"\n{'receiver':<20}{'seconds':>10}{'instances/s':>14}{'MB/s':>10}")
     for name, secs in rows.items():
         if secs is None:
-            print(f"{name:<18}{'not installed':>34}")
+            print(f"{name:<20}{'not installed':>34}")
             continue
-        print(f"{name:<18}{secs:>10.2f}{len(files) / secs:>14.1f}{mb / secs:>10.1f}")
+        print(f"{name:<20}{secs:>10.2f}{len(files) / secs:>14.1f}{mb / secs:>10.1f}")
     ceiling = rows["storescp (disk)"] or 1.0
     print(f"\nhub / storescp: {ceiling / hub_s:.0%} of the instance rate")
     if rows["Orthanc"]:

@@ -121,7 +121,6 @@ _Q_INSTANCE = select(*_INSTANCE_COLS).where(IN.c.sop_uid == bindparam("uid"))
 _Q_STUDY = _STUDY_SELECT.where(ST.c.study_uid == bindparam("uid"))
 _Q_PATIENT = select(P.c.pk).where(P.c.patient_ref == bindparam("ref"))
 _Q_SERIES = select(SE.c.pk, SE.c.study_pk).where(SE.c.series_uid == bindparam("uid"))
-_Q_STUDY_COUNT = select(ST.c.num_instances).where(ST.c.pk == bindparam("spk"))
 # one more instance in a known series: the ImagingStudy is rewritten later (stale)
 _U_STUDY = (
     update(ST)
@@ -196,12 +195,12 @@ class IndexTx:
         """A new study row; returns its key."""
         return int(self.conn.execute(_I_STUDY, values).scalar_one())
 
-    def count_instance(self, study_pk: int, when: int, new_series: bool) -> int:
+    def count_instance(self, study_pk: int, when: int, new_series: bool) -> None:
         """One more instance (and maybe series) in the study; the row stays locked until the
-        transaction ends. Returns the study's instance count."""
-        stmt = _U_STUDY_SERIES if new_series else _U_STUDY
-        self.conn.execute(stmt, {"spk": study_pk, "when": when})
-        return int(self.conn.execute(_Q_STUDY_COUNT, {"spk": study_pk}).scalar_one())
+        transaction ends."""
+        self.conn.execute(
+            _U_STUDY_SERIES if new_series else _U_STUDY, {"spk": study_pk, "when": when}
+        )
 
     def set_modalities(self, study_pk: int, modalities: str) -> None:
         """Modalities in Study (0008,0061), kept as the series arrive."""

@@ -265,7 +265,7 @@ class StorageService:
                 )
             else:
                 series_pk = found[0]
-            total = ix.count_instance(study.pk, when, new_series=found is None)
+            ix.count_instance(study.pk, when, new_series=found is None)
             ix.count_series_instance(series_pk)
             ix.insert_instance(
                 {
@@ -295,7 +295,7 @@ class StorageService:
                     accession=study.accession,
                     description=study.description,
                     referring=study.referring,
-                    num_instances=total,
+                    num_instances=sum(x.num_instances for x in series),
                     timezone_offset=hdr.timezone_offset,
                 )
                 res = imaging_study(summary, series, study.patient_ref)
