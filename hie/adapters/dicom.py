@@ -7,7 +7,11 @@
    AE title not recognised"); the calling AE title and the peer's address must belong to a
    registered MO (facility registry: an active ``dicom-dimse`` Endpoint with address
    ``dicom://AE_TITLE@host:port``, :meth:`~hie.registries.senders.SenderRegistry.
-   mo_for_dicom_caller`) — else rejected ("calling AE title not recognised") and logged;
+   mo_for_dicom_caller`) — else rejected ("calling AE title not recognised") and logged.
+   Over TLS (``HIE_DICOM_TLS_PORT``, a second server) a caller presenting a verified client
+   certificate is the MO with that AE title that registered the certificate's fingerprint,
+   wherever it connects from (:class:`_TlsAssociationServer` runs each handshake in the
+   association's thread, not the accepting one);
 2. **C-ECHO** (Verification) — success;
 3. **C-STORE** (every storage SOP class pynetdicom knows, in any standard transfer syntax) —
    the dataset exactly as received goes to :class:`~hie.pacs.storage.StorageService`; the
@@ -37,6 +41,9 @@
    completed, failed and warning counts, cancel honoured between sub-operations, and the
    Failed SOP Instance UID List on a warning or failure.
 
+Associations the hub opens (C-MOVE, commitment reports) go over TLS to nodes registered as
+``dicom+tls://AE@host:port``, presenting ``HIE_DICOM_TLS_CERT`` (:meth:`DicomListener._tls_to`).
+
 Accepted sockets get ``TCP_NODELAY`` (pynetdicom leaves Nagle's algorithm on, which can hold
 each DIMSE response back ~40 ms). An association silent for ``HIE_DICOM_TIMEOUT_SECONDS`` —
 including one stalled in the middle of a dataset — is aborted; nothing of a dataset that did
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -67,7 +75,9 @@ from pynetdicom.status import code_to_category
 from pynetdicom.transport import ThreadedAssociationServer
 
 from hie.adapters import dicom_reactor
+from hie.adapters.tls import certificate_of, server_ssl_context
 from hie.fhir.service import FhirService
+from hie.hub.audit_export import tls_context
 from hie.hub.auth import Forbidden, acting_as
 from hie.hub.errors import HieError, StorageError
 from hie.hub.logging import get_logger
@@ -81,7 +91,7 @@ from hie.pacs.query import DicomQuery, InvalidQuery, Level, Match
 from hie.pacs.retrieve import QueryRetrieve, Retrieval
 from hie.pacs.storage import Received, StorageService
 from hie.registries.patient_index import attach_mpi
-from hie.registries.senders import RegisteredMo, SenderRegistry
+from hie.registries.senders import Destination, RegisteredMo, SenderRegistry
 
 log = get_logger("hie.dicom")
 
@@ -144,6 +154,7 @@ class Caller:
     ae_title: str
     host: str
     port: int
+    certificate: str | None = None  # SHA-256 of the verified TLS client certificate
 
     @property
     def peer(self) -> str:
@@ -183,8 +194,9 @@ class DicomListener:
         self._callers: weakref.WeakKeyDictionary[Association, Caller] = weakref.WeakKeyDictionary()
         self._storing: weakref.WeakSet[Association] = weakref.WeakSet()  # stored something
         self._lock = threading.Lock()
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: dict[str, ThreadedAssociationServer] = {}  # "plain" / "tls"
         self._reports: set[threading.Thread] = set()
+        self._client_tls: ssl.SSLContext | None = None  # for dicom+tls:// nodes, when needed
         self.qr = QueryRetrieve(storage.svc, storage.index, storage.blobs)
         self.ae = self._make_ae()
 
@@ -213,7 +225,8 @@ class DicomListener:
     # --- running -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen on ``HIE_DICOM_HOST``:``HIE_DICOM_PORT`` in background threads."""
+        """Listen on ``HIE_DICOM_HOST``:``HIE_DICOM_PORT`` (and ``HIE_DICOM_TLS_PORT`` over
+        TLS) in background threads."""
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -226,21 +239,51 @@ class DicomListener:
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
         ]
-        address = (self.settings.dicom_host, self.settings.dicom_port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        host = self.settings.dicom_host
+        if self.settings.dicom_port:
+            address = (host, self.settings.dicom_port)
+            plain = self.ae.start_server(address, block=False, evt_handlers=handlers)
+            assert plain is not None  # non-blocking: the running server
+            self._servers["plain"] = plain
+        if self.settings.dicom_tls_port:
+            ctx = server_ssl_context(
+                self.settings.dicom_tls_cert,
+                self.settings.dicom_tls_key,
+                self.settings.dicom_tls_client_ca,
+            )
+            server = self.ae.make_server(
+                (host, self.settings.dicom_tls_port),
+                ssl_context=ctx,
+                evt_handlers=handlers,
+                server_class=_TlsAssociationServer,
+            )
+            threading.Thread(target=server.serve_forever, name="hie-dicom-tls", daemon=True).start()
+            self._servers["tls"] = server
+            # as AE.start_server registers its servers (each removes itself on shutdown)
+            self.ae._servers.append(server)
+            log.info("dicom.tls_listening", port=server.server_address[1])
 
     @property
     def port(self) -> int:
-        """The port the listener is bound to."""
-        if self._server is None:
-            raise RuntimeError("the DICOM listener is not started")
-        return int(self._server.server_address[1])
+        """The port the listener (plain TCP) is bound to."""
+        return self._port("plain")
+
+    @property
+    def tls_port(self) -> int:
+        """The port the TLS listener is bound to."""
+        return self._port("tls")
+
+    def _port(self, kind: str) -> int:
+        server = self._servers.get(kind)
+        if server is None:
+            raise RuntimeError(f"the DICOM listener ({kind}) is not started")
+        return int(server.server_address[1])
 
     def stop(self) -> None:
         """Stop accepting, abort open associations, release the threads."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in self._servers.values():
+            server.shutdown()
+        self._servers.clear()
         self.ae.shutdown()
         for thread in list(self._reports):
             thread.join(timeout=self.settings.dicom_timeout_seconds)
@@ -269,18 +312,28 @@ class DicomListener:
             log.warning("dicom.rejected", reason="called-ae-title", ae_title=calling, peer=host)
             self._reject(assoc, _REJECT_CALLED)
             return
+        cert = certificate_of(getattr(assoc.dul.socket, "socket", None))
+        fingerprint = cert.sha256 if cert is not None else None
         try:
-            mo = self.senders.mo_for_dicom_caller(calling, host)
+            mo = self.senders.mo_for_dicom_caller(calling, host, certificate=fingerprint)
         except Exception as exc:  # the registry is unreadable: refuse rather than guess
             log.error("dicom.registry_failed", error=type(exc).__name__)
             mo = None
         if mo is None:
-            log.warning("dicom.rejected", reason="unknown-caller", ae_title=calling, peer=host)
+            reason = "unknown-caller" if cert is None else "unknown-caller-certificate"
+            log.warning(
+                "dicom.rejected",
+                reason=reason,
+                ae_title=calling,
+                peer=host,
+                certificate=fingerprint,
+                subject=cert.subject if cert is not None else None,
+            )
             self._reject(assoc, _REJECT_CALLING)
             return
         with self._lock:
-            self._callers[assoc] = Caller(mo, calling, host, port)
-        log.info("dicom.associated", mo=mo.id, ae_title=calling, peer=host)
+            self._callers[assoc] = Caller(mo, calling, host, port, fingerprint)
+        log.info("dicom.associated", mo=mo.id, ae_title=calling, peer=host, tls=cert is not None)
 
     def _on_end(self, event: evt.Event) -> None:
         """An association that stored instances ended: its studies' ImagingStudy counts are
@@ -459,14 +512,15 @@ class DicomListener:
         tracker = _StoreResponses()
         contexts = _contexts(plan) if isinstance(plan, Retrieval) else _fallback_contexts()
         yield (
-            target[0],
-            target[1],
+            target.host,
+            target.port,
             {
                 "contexts": contexts,
                 "evt_handlers": [
                     (evt.EVT_CONN_OPEN, self._on_connection),
                     (evt.EVT_DIMSE_RECV, tracker.on_recv),
                 ],
+                "tls_args": self._tls_to(target),
             },
         )
         yield from self._sub_operations(event, plan, tracker)
@@ -517,12 +571,27 @@ class DicomListener:
         else:
             plan.finish(ALL_FAILED if c.failed == len(plan) else WARNING)
 
-    def _destination(self, caller: Caller, ae_title: str) -> tuple[str, int] | None:
-        """``(host, port)`` of a C-MOVE destination the caller's MO registered."""
+    def _destination(self, caller: Caller, ae_title: str) -> Destination | None:
+        """Where a C-MOVE destination the caller's MO registered listens."""
         own = {ep.dicom.ae_title for ep in caller.mo.endpoints if ep.dicom is not None}
         if not ae_title or ae_title not in own:
             return None
         return self.senders.dicom_destination(ae_title, for_mo=caller.mo.id)
+
+    def _tls_to(self, target: Destination) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for an association the hub opens: None for a plain
+        ``dicom://`` node; for ``dicom+tls://``, TLS 1.2+ verifying the node's certificate
+        (its host name included) against ``HIE_DICOM_TLS_CLIENT_CA`` (else the system's CAs)
+        and presenting the hub's ``HIE_DICOM_TLS_CERT``."""
+        if not target.tls:
+            return None
+        with self._lock:
+            if self._client_tls is None:
+                s = self.settings
+                self._client_tls = tls_context(
+                    s.dicom_tls_client_ca, s.dicom_tls_cert, s.dicom_tls_key
+                )
+            return self._client_tls, target.host
 
     # --- storage commitment (push model) -----------------------------------------------------
 
@@ -560,7 +629,7 @@ class DicomListener:
     def _report(
         self,
         caller: Caller,
-        target: tuple[str, int],
+        target: Destination,
         transaction: str,
         refs: list[tuple[str, str]],
     ) -> None:
@@ -581,7 +650,7 @@ class DicomListener:
                 self._reports.discard(threading.current_thread())
 
     def _send_report(
-        self, caller: Caller, target: tuple[str, int], report: Dataset, event_type: int
+        self, caller: Caller, target: Destination, report: Dataset, event_type: int
     ) -> bool:
         ae = AE(ae_title=self.ae_title)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = (
@@ -591,11 +660,12 @@ class DicomListener:
         # the hub calls, but plays the SCP role of Storage Commitment (PS3.4 J.3.3)
         role = build_role(COMMITMENT_PUSH, scp_role=True)
         assoc = ae.associate(
-            target[0],
-            target[1],
+            target.host,
+            target.port,
             ae_title=caller.ae_title,
             ext_neg=[role],
             evt_handlers=[(evt.EVT_CONN_OPEN, self._on_connection)],
+            tls_args=self._tls_to(target),
         )
         if not assoc.is_established:
             return False
@@ -606,6 +676,38 @@ class DicomListener:
             return bool(status) and status.Status == SUCCESS
         finally:
             assoc.release()
+
+
+class _TlsAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the TLS handshake moved from the
+    accepting thread (where pynetdicom does it, so one peer that connects and says nothing
+    would hold up every other) to the association's own thread, bounded by the network
+    timeout. A failed handshake (no client certificate when one is required, one from
+    another CA, not TLS at all) closes that connection and is logged."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None and self.ssl_context is not None
+        sock, address = self.socket.accept()
+        tls = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return tls, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        peer = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        try:
+            request.settimeout(self.ae.network_timeout)
+            request.do_handshake()
+            request.settimeout(None)  # as pynetdicom has accepted sockets: blocking
+        except (OSError, ValueError) as exc:
+            log.warning("dicom.tls_failed", peer=peer, error=_tls_error(exc))
+            self.shutdown_request(request)
+            return
+        super().process_request_thread(request, client_address)
+
+
+def _tls_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc.__class__.__name__)
+    return type(exc).__name__
 
 
 def commitment_report(result: Commitment) -> Dataset:
@@ -740,7 +842,7 @@ def start_dicom(hub: Hub) -> DicomListener | None:
     ``HIE_DICOM_PORT`` is 0). Instances go to the archive through the hub's FHIR service
     and master patient index; refused ones to ``hub.rejected``."""
     settings = hub.settings
-    if not settings.dicom_port:
+    if not settings.dicom_port and not settings.dicom_tls_port:
         return None
     svc = FhirService(hub.store, settings, search_index=lambda: hub.search_index, trail=hub.audit)
     attach_mpi(svc)

@@ -205,7 +205,8 @@ class Hl7Listener:
         mo = self.senders.mo_for_hl7_sender(header.sending_application, header.sending_facility)
         if mo is None:
             return Outcome("AR", header, [_unknown_sender()])
-        if peer is not None and peer.certificate is not None and not _certificate_of(mo, peer):
+        cert = peer.certificate if peer is not None else None
+        if cert is not None and not mo.has_certificate(cert.sha256):
             return Outcome("AR", header, [_unknown_sender("the client certificate")])
         try:
             out = self._route(raw, header, mo)
@@ -279,15 +280,6 @@ def _unknown_sender(what: str = "the sending application/facility (MSH-3/MSH-4)"
         4,
         reject=True,
     )
-
-
-def _certificate_of(mo: RegisteredMo, peer: Peer) -> bool:
-    """Whether the peer's client certificate is one the MO registered on an Endpoint."""
-    cert = peer.certificate
-    if cert is None:
-        return True
-    mine = cert.sha256.lower().replace(":", "")
-    return any(mine in ep.certificates for ep in mo.endpoints)
 
 
 class MllpListener:

@@ -34,18 +34,17 @@ Framing costs one ``bytes.find`` for the end block and one for a stray start blo
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 import ssl
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from cryptography import x509
 from prometheus_client import Counter, Gauge, Histogram
 
+from hie.adapters.tls import PeerCertificate, peer_certificate, server_ssl_context
 from hie.hub.logging import get_logger
 
 if TYPE_CHECKING:
@@ -82,14 +81,6 @@ _FRAME_COUNT = {k: FRAMES.labels(kind=k) for k in FRAME_KINDS}  # bound once: ho
 
 
 # --- what the handler sees -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCertificate:
-    """The verified TLS client certificate of a peer."""
-
-    subject: dict[str, str] = field(hash=False)  # RDN short names: {"CN": …, "O": …}
-    sha256: str  # fingerprint of the DER certificate, lower-case hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,32 +297,7 @@ def frame(message: bytes) -> bytes:
     return START_BLOCK + message + TRAILER
 
 
-# --- TLS -----------------------------------------------------------------------------------------
-
-
-def server_ssl_context(cert: str, key: str, client_ca: str = "") -> ssl.SSLContext:
-    """A TLS server context (TLS 1.2 or newer) for the PEM certificate chain ``cert`` and its
-    ``key`` (empty: the key is in ``cert``). With ``client_ca`` every client must present a
-    certificate that chains to one of the CAs in that PEM bundle."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key or None)
-    if client_ca:
-        ctx.load_verify_locations(cafile=client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def peer_certificate(der: bytes) -> PeerCertificate:
-    """The subject (RFC 4514 short names; an attribute without one, such as the Russian ОГРН
-    1.2.643.100.1, under its dotted OID; repeated attributes joined by ", ") and SHA-256
-    fingerprint of a DER certificate."""
-    subject: dict[str, str] = {}
-    for attr in x509.load_der_x509_certificate(der).subject:
-        name = attr.rfc4514_attribute_name
-        value = attr.value if isinstance(attr.value, str) else attr.value.hex()
-        subject[name] = f"{subject[name]}, {value}" if name in subject else value
-    return PeerCertificate(subject=subject, sha256=hashlib.sha256(der).hexdigest())
+# --- the peer ----------------------------------------------------------------------------------
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> Peer:

@@ -720,9 +720,10 @@ class StreamTransport:
 
 
 def tls_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
-    """A client context that verifies the collector: against ``ca`` (PEM bundle) when given,
-    else the system's CAs; TLS 1.2 at least (RFC 5425 §4.2, RFC 7525); ``cert``/``key``
-    present a client certificate (ATNA node authentication)."""
+    """A client context that verifies the server (a syslog collector; a DICOM node the hub
+    calls): against ``ca`` (PEM bundle) when given, else the system's CAs; TLS 1.2 at least
+    (RFC 5425 §4.2, RFC 7525); ``cert``/``key`` present a client certificate (ATNA node
+    authentication)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert:

@@ -44,6 +44,14 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     dicom_ae_title: str = "HUB"
     dicom_host: str = Field(default="127.0.0.1", description="DICOM listen address")
+    dicom_tls_port: int = Field(
+        default=0, description="DICOM over TLS on this port (2762 is DICOM's; 0: off)"
+    )
+    dicom_tls_cert: str = Field(default="", description="PEM server certificate: DICOM over TLS")
+    dicom_tls_key: str = Field(default="", description="PEM private key of that certificate")
+    dicom_tls_client_ca: str = Field(
+        default="", description="PEM CA bundle: require DICOM client certificates signed by it"
+    )
     dicom_timeout_seconds: float = Field(
         default=30.0,
         description="a DICOM association silent (or stalled mid-transfer) this long is aborted",
@@ -120,6 +128,8 @@ class Settings(BaseSettings):
     def _defaults_and_production_checks(self) -> Settings:
         if self.mpi_review_bits > self.mpi_auto_link_bits:
             raise ValueError("HIE_MPI_REVIEW_BITS must not exceed HIE_MPI_AUTO_LINK_BITS")
+        if self.dicom_tls_port and not self.dicom_tls_cert:
+            raise ValueError("HIE_DICOM_TLS_PORT needs HIE_DICOM_TLS_CERT (and its key)")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'hie.db'}"
         if not self.blob_url:

@@ -11,8 +11,9 @@ resources it manages (``Endpoint.managingOrganization``); only ``status = active
   none, any application of that facility is accepted.
 - DICOM DIMSE: ``connectionType`` = ``dicom-dimse`` (the hub's :data:`HIE_CONNECTION_TYPE_SYSTEM`),
   ``address`` = ``dicom://AE_TITLE@host:port`` — the calling AE title, the host its
-  associations come from, and the C-MOVE destination. ``Endpoint.identifier`` carries the AE
-  title too (system :data:`DICOM_AE_TITLE_SYSTEM`), but the address is authoritative.
+  associations come from, and the C-MOVE destination; ``dicom+tls://…`` when the hub must
+  reach it over TLS (C-MOVE, storage commitment reports). ``Endpoint.identifier`` carries the
+  AE title too (system :data:`DICOM_AE_TITLE_SYSTEM`), but the address is authoritative.
 
 The MO's own identifier system for local patient ids is registered as a second
 ``Organization.identifier``: ``system`` = :data:`PATIENT_ID_SYSTEM_SYSTEM`, ``value`` = the system
@@ -132,11 +133,13 @@ def bare_oid(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DicomAddress:
-    """A parsed ``dicom://AE_TITLE@host:port`` address (host and port may be absent)."""
+    """A parsed ``dicom://AE_TITLE@host:port`` address (host and port may be absent);
+    ``tls``: written ``dicom+tls://``, the node is reached over TLS."""
 
     ae_title: str
     host: str | None
     port: int | None
+    tls: bool = False
 
 
 # AE title: 1–16 characters of the DICOM default repertoire, no backslash or control chars
@@ -157,11 +160,16 @@ def ae_title_problem(ae_title: str) -> str | None:
 
 
 def parse_dicom_address(address: str) -> DicomAddress:
-    """Parse ``dicom://AE@host:port`` (also ``dicom://AE@host``, ``dicom://AE`` and IPv6
-    ``dicom://AE@[::1]:104``); raise ValueError saying what is wrong."""
-    if not address.lower().startswith("dicom://"):
-        raise ValueError(f"DICOM address {address!r} must look like dicom://AE_TITLE@host:port")
-    rest = address[len("dicom://") :]
+    """Parse ``dicom://AE@host:port`` (also ``dicom://AE@host``, ``dicom://AE``, IPv6
+    ``dicom://AE@[::1]:104`` and ``dicom+tls://…`` for a node reached over TLS); raise
+    ValueError saying what is wrong."""
+    scheme, sep, rest = address.partition("://")
+    tls = scheme.lower() == "dicom+tls"
+    if not sep or scheme.lower() not in ("dicom", "dicom+tls"):
+        raise ValueError(
+            f"DICOM address {address!r} must look like dicom://AE_TITLE@host:port "
+            "(or dicom+tls://…)"
+        )
     ae, at, hostport = rest.rpartition("@")
     if not at:
         ae, hostport = rest, ""
@@ -186,12 +194,14 @@ def parse_dicom_address(address: str) -> DicomAddress:
             if not port_part.isdigit() or not 0 < int(port_part) < 65536:
                 raise ValueError(f"DICOM address {address!r}: port must be 1-65535")
             port = int(port_part)
-    return DicomAddress(ae.strip(), host, port)
+    return DicomAddress(ae.strip(), host, port, tls)
 
 
-def format_dicom_address(ae_title: str, host: str | None, port: int | None) -> str:
-    """The ``dicom://AE@host:port`` form (brackets around IPv6 hosts)."""
-    out = f"dicom://{ae_title}"
+def format_dicom_address(
+    ae_title: str, host: str | None, port: int | None, *, tls: bool = False
+) -> str:
+    """The ``dicom://AE@host:port`` form (brackets around IPv6 hosts; ``dicom+tls://``)."""
+    out = f"{'dicom+tls' if tls else 'dicom'}://{ae_title}"
     if host:
         out += "@" + (f"[{host}]" if ":" in host else host)
         if port:

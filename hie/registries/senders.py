@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -85,6 +85,19 @@ class RegisteredMo:
     def patient_id_system(self) -> str | None:
         """The MO's (first, official-first) local patient identifier system, if registered."""
         return self.patient_id_systems[0] if self.patient_id_systems else None
+
+    def has_certificate(self, sha256: str) -> bool:
+        """Whether one of the MO's Endpoints lists this TLS client certificate fingerprint."""
+        mine = sha256.lower().replace(":", "")
+        return any(mine in ep.certificates for ep in self.endpoints)
+
+
+class Destination(NamedTuple):
+    """A DICOM node the hub opens associations to: host, port, and whether over TLS."""
+
+    host: str
+    port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,12 +343,19 @@ class SenderRegistry:
         ips: tuple[str, ...] = self._cached(("resolve", host.lower()), compute)
         return ips
 
-    def mo_for_dicom_caller(self, ae_title: str, host: str) -> RegisteredMo | None:
+    def mo_for_dicom_caller(
+        self, ae_title: str, host: str, certificate: str | None = None
+    ) -> RegisteredMo | None:
         """The MO whose active ``dicom-dimse`` Endpoint has this calling AE title and, if its
         address names a host, that host is ``host`` (the association's peer address).
 
         A registration naming the peer's host wins over one naming no host; if two MOs still
         qualify the caller is ambiguous and None is returned.
+
+        With ``certificate`` (the SHA-256 fingerprint of the verified TLS client certificate
+        the peer presented) the MO is the one with this AE title that registered that
+        certificate, wherever the peer connects from (a clinic behind a changing address);
+        a certificate no MO with this AE title registered identifies nobody.
         """
         ae = ae_title.strip()
         candidates = [
@@ -343,6 +363,15 @@ class SenderRegistry:
             for e in self._dicom_entries()
             if e.address.ae_title == ae and self._mo_active(e.org_id)
         ]
+        if certificate is not None:
+            owners = {
+                e.org_id
+                for e in candidates
+                if (mo := self.mo(e.org_id)) is not None and mo.has_certificate(certificate)
+            }
+            if len(owners) > 1:
+                log.warning("registry.dicom.ambiguous", ae_title=ae, organizations=sorted(owners))
+            return self.mo(next(iter(owners))) if len(owners) == 1 else None
         strong = {
             e.org_id
             for e in candidates
@@ -357,11 +386,9 @@ class SenderRegistry:
                 return None
         return None
 
-    def dicom_destination(
-        self, ae_title: str, *, for_mo: str | None = None
-    ) -> tuple[str, int] | None:
-        """``(host, port)`` of the C-MOVE destination ``ae_title`` (from an active
-        ``dicom://AE@host:port`` address); with ``for_mo``, that MO's own registration is
+    def dicom_destination(self, ae_title: str, *, for_mo: str | None = None) -> Destination | None:
+        """Where the C-MOVE destination ``ae_title`` listens (from an active
+        ``dicom[+tls]://AE@host:port`` address); with ``for_mo``, that MO's own registration is
         preferred. None if unknown, without host and port, or ambiguous."""
         ae = ae_title.strip()
         found = [
@@ -374,15 +401,15 @@ class SenderRegistry:
         ]
         if for_mo is not None and any(e.org_id == for_mo for e in found):
             found = [e for e in found if e.org_id == for_mo]
-        targets = {(e.address.host, e.address.port) for e in found}
+        targets = {
+            Destination(e.address.host, e.address.port, e.address.tls)
+            for e in found
+            if e.address.host and e.address.port
+        }
         if len(targets) > 1:
             log.warning("registry.dicom.destination_ambiguous", ae_title=ae)
             return None
-        if not targets:
-            return None
-        host, port = next(iter(targets))
-        assert host is not None and port is not None
-        return host, port
+        return next(iter(targets)) if targets else None
 
     def _mo_active(self, org_id: str) -> bool:
         return self.mo(org_id) is not None

@@ -23,8 +23,8 @@ from hie.adapters.mllp import (
     Peer,
     frame,
     mllp_server_from_settings,
-    server_ssl_context,
 )
+from hie.adapters.tls import server_ssl_context
 from tests.fixtures.tls import CLIENT_CN, CLIENT_O, Pki, make_pki
 
 

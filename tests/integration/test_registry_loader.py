@@ -12,7 +12,7 @@ from hie.demo import Generator
 from hie.fhir.service import FhirService, content_json
 from hie.hub.store.port import Query
 from hie.registries.loader import LoadReport, load_file
-from hie.registries.senders import SenderRegistry
+from hie.registries.senders import Destination, SenderRegistry
 
 ORGS = """\
 id,frmo_oid,name,short_name,kind,parent_id,district,city,address,postal_code,phone,email,active,patient_id_system
@@ -110,7 +110,7 @@ def test_good_csv_files_of_every_kind(svc: FhirService, tmp_path: Path) -> None:
     assert reg.mo_for_hl7_sender("OTHER", "GB3LIS") is None  # applications are limited
     caller = reg.mo_for_dicom_caller("GP1XR", "10.0.0.1")
     assert caller is not None and caller.id == "org-1"
-    assert reg.dicom_destination("GP1XR") == ("10.0.0.1", 104)
+    assert reg.dicom_destination("GP1XR") == Destination("10.0.0.1", 104)
 
 
 def test_reloading_the_same_file_changes_nothing(svc: FhirService, tmp_path: Path) -> None:

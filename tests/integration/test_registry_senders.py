@@ -9,7 +9,7 @@ import pytest
 from hie.demo import MOS_BY_ID, Generator, as_transaction
 from hie.fhir.service import FhirService
 from hie.registries.facility import PATIENT_ID_SYSTEM_SYSTEM
-from hie.registries.senders import SenderRegistry
+from hie.registries.senders import Destination, SenderRegistry
 
 BASE = "http://hub.test/fhir"
 
@@ -181,13 +181,13 @@ def test_same_ae_title_on_two_hosts_is_told_apart_by_host(
     assert b is not None and b.id == "mo-0023"
     # which one is the C-MOVE destination is ambiguous, unless the caller's MO is known
     assert reg.dicom_destination("ALEXCT") is None
-    assert reg.dicom_destination("ALEXCT", for_mo="mo-0023") == ("10.1.1.1", 104)
+    assert reg.dicom_destination("ALEXCT", for_mo="mo-0023") == Destination("10.1.1.1", 104)
 
 
 def test_dicom_destinations_are_parsed(reg: SenderRegistry) -> None:
     for mo in MOS_BY_ID.values():
         if mo.ae_title is not None:
-            assert reg.dicom_destination(mo.ae_title) == ("127.0.0.1", mo.dicom_port)
+            assert reg.dicom_destination(mo.ae_title) == Destination("127.0.0.1", mo.dicom_port)
     assert reg.dicom_destination("NOSUCHAE") is None
     assert reg.dicom_destination("GP12LAB") is None
 

@@ -98,6 +98,11 @@ def test_patient_id_systems_official_first() -> None:
         ("dicom://GP12XR", DicomAddress("GP12XR", None, None)),
         ("DICOM://CT 1@[::1]:104", DicomAddress("CT 1", "::1", 104)),
         ("dicom://A@B@10.0.0.1:104", DicomAddress("A@B", "10.0.0.1", 104)),
+        (
+            "dicom+tls://PACS@pacs.gp12.local:2762",
+            DicomAddress("PACS", "pacs.gp12.local", 2762, True),
+        ),
+        ("DICOM+TLS://PACS", DicomAddress("PACS", None, None, True)),
     ],
 )
 def test_parse_dicom_address(address: str, parsed: DicomAddress) -> None:
@@ -109,6 +114,9 @@ def test_parse_dicom_address(address: str, parsed: DicomAddress) -> None:
     [
         "mllp://host:2575",
         "dicom://",
+        "dicoms://AE@host:104",
+        "dicom+ssh://AE@host:104",
+        "dicom:AE@host:104",
         "dicom://@host:104",
         "dicom://SEVENTEEN-CHARS-AE@host:104",
         "dicom://BAD\\AE@host:104",
@@ -129,10 +137,11 @@ def test_bad_dicom_addresses(address: str) -> None:
                min_size=1, max_size=16),
     host=st.sampled_from(["127.0.0.1", "pacs.local", "::1", None]),
     port=st.one_of(st.none(), st.integers(1, 65535)),
+    tls=st.booleans(),
 )  # fmt: skip
-def test_dicom_address_round_trip(ae: str, host: str | None, port: int | None) -> None:
-    parsed = parse_dicom_address(format_dicom_address(ae, host, port))
-    assert parsed == DicomAddress(ae, host, port if host else None)
+def test_dicom_address_round_trip(ae: str, host: str | None, port: int | None, tls: bool) -> None:
+    parsed = parse_dicom_address(format_dicom_address(ae, host, port, tls=tls))
+    assert parsed == DicomAddress(ae, host, port if host else None, tls)
 
 
 def test_same_host() -> None:
