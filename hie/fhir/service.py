@@ -560,6 +560,8 @@ class FhirService:
         grant = list(self.grant(resource_type, "u").conds)
         if resource_type == "Patient":
             grant.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
+        for system, code in sorted(set(tokens.values())):  # one order: no deadlock
+            lock_criteria(tx, resource_type, [("identifier", f"{system}|{code}")])
         found = tx.ids_by_token(resource_type, "identifier", list(tokens.values()), grant)
         for i, tok in tokens.items():
             out[i] = [(resource_type, rid) for rid in found[tok][:3]]
@@ -574,6 +576,7 @@ class FhirService:
             criteria = parse_qsl(criteria.split("?", 1)[-1], keep_blank_values=True)
         if not criteria:
             raise InvalidRequest("conditional criteria are empty")
+        lock_criteria(tx, resource_type, criteria)
         req = parse_search(resource_type, criteria, default_count=3, max_count=3)
         req.query.conds.extend(self.grant(resource_type, "s").conds)
         if resource_type == "Patient":
@@ -1102,6 +1105,12 @@ class FhirService:
 
 _PATIENT_LINKS = tuple((t, p) for t, p in PATIENT_COMPARTMENT if t != "Patient")
 _PATIENT_FIELDS = ("subject", "patient", "beneficiary", "for")
+
+
+def lock_criteria(tx: WriteTx, resource_type: str, criteria: Sequence[tuple[str, str]]) -> None:
+    """Serialise the writers whose conditional operation (or find-else-create) looks for the
+    same ``criteria``: the second waits for the first to commit, then finds its record."""
+    tx.lock(resource_type + "?" + "&".join(f"{k}={v}" for k, v in sorted(criteria)))
 
 
 def _patients_in(res: Json | None, stored: StoredResource) -> list[str]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from hie.fhir.service import MPI_SYSTEM, FhirService, new_id
+from hie.fhir.service import MPI_SYSTEM, FhirService, lock_criteria, new_id
 from hie.hub.auth import acting_as
 from hie.hub.blobs.port import BlobInfo, BlobStore
 from hie.hub.errors import HieError, InvalidResource, StorageError, VersionConflict
@@ -376,6 +376,8 @@ class StorageService:
         """The source Patient the instance's number names, created (and matched by the
         master patient index) when the hub has none."""
         token = (patient.system, patient.value)
+        # another association may be filing another study of the same new patient right now
+        lock_criteria(tx, "Patient", [("identifier", f"{patient.system}|{patient.value}")])
         found = tx.ids_by_token("Patient", "identifier", [token], [_NOT_GOLDEN])[token]
         if len(found) == 1:
             return found[0]

@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from hie.fhir import model
-from hie.fhir.service import FhirService
+from hie.fhir.service import MPI_SYSTEM, FhirService
 from hie.hub.runtime import Hub, open_hub
+from hie.hub.store.port import Query, TokenCond
 from hie.pacs.errors import (
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
@@ -350,3 +351,35 @@ def test_concurrent_senders_of_one_new_study_all_land_once(archive: Archive) -> 
     assert res["numberOfInstances"] == 20 and len(res["series"]) == 4
     assert sum(s["numberOfInstances"] for s in res["series"]) == 20
     assert archive.index.counts()["dicom_patients"] == 1
+
+
+def test_concurrent_studies_of_one_new_patient_make_one_source_patient(archive: Archive) -> None:
+    # two modalities of one MO send different studies of a patient the hub has not seen yet
+    # (on PostgreSQL both transactions would otherwise find nobody and both create one)
+    archive.send(ct_instance(patient_id="WARM-UP"))  # the hub's own first writes are done
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+    refs: list[str] = []
+
+    def sender() -> None:
+        try:
+            start.wait(30)
+            refs.append(archive.send(ct_instance(patient_id="NEW-77")).patient_ref)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert len(set(refs)) == 1
+    q = Query(
+        "Patient",
+        [
+            TokenCond("identifier", SYSTEM_A, "NEW-77"),
+            TokenCond("_tag", MPI_SYSTEM, "golden", negate=True),
+        ],
+    )
+    assert [r.id for r in archive.hub.store.search(q).items] == refs[:1]

@@ -460,6 +460,11 @@ class WriteTx(Protocol):
     def search_ids(self, query: Query) -> list[tuple[str, str]]:
         """(type, id) pairs matching ``query``, seen inside the transaction (conditional ops)."""
 
+    def lock(self, name: str) -> None:
+        """Hold ``name`` until the transaction ends; another transaction locking the same name
+        waits for this one. Taken before a look-up that decides a create ("find the patient
+        with this identifier, else create one"), so two writers never both create."""
+
     def ids_by_token(
         self,
         resource_type: str,

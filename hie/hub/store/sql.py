@@ -531,6 +531,13 @@ class SqlWriteTx:
         self._rids[(resource_type, id)] = row.rid
         return self.store._row(row)
 
+    def lock(self, name: str) -> None:
+        """See :meth:`hie.hub.store.port.WriteTx.lock`. PostgreSQL: an advisory transaction
+        lock on the name's 64-bit hash (READ COMMITTED: the look-up after it sees what the
+        other writer committed). SQLite: its writers are serial already (BEGIN IMMEDIATE)."""
+        if self.store.dialect == "postgresql":
+            self.conn.execute(_ADVISORY_LOCK, {"name": name})
+
     def write(self, new: NewVersion, version: int, last_updated: int) -> StoredResource:
         """Store one version; version 1 inserts the logical resource."""
         key = (new.resource_type, new.id)
@@ -749,6 +756,7 @@ _CURRENT = (
     .where(R.c.rtype == bindparam("rtype"), R.c.id == bindparam("id"))
 )
 _CURRENT_LOCKED = _CURRENT.with_for_update(of=R)
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))")
 _CHANGE_MARKER = select(func.count(), func.max(R.c.last_updated)).where(
     R.c.rtype == bindparam("rtype")
 )
