@@ -650,44 +650,76 @@ def messages_show(
 def messages_replay(
     ids: Annotated[list[int] | None, typer.Argument(help="Kept message ids.")] = None,
     all_open: Annotated[
-        bool, typer.Option("--all", help="Every open HL7 message, oldest first.")
+        bool,
+        typer.Option("--all", help="Every open replayable message (HL7 and DICOM), oldest first."),
     ] = False,
 ) -> None:
-    """Run kept HL7 messages through the listener again, after their cause was fixed (the
-    sender registered, a code list loaded). Exit 1 if any still fails."""
-    from hie.adapters.hl7_listener import Hl7Listener, replay, replayable
+    """Run kept messages through their intake again, after their cause was fixed (the sender
+    registered, a code list loaded, an MO's patient identifier system registered).
+
+    An HL7 message goes through the MLLP intake and prints its acknowledgement code (AA, AE,
+    AR); a DICOM instance is stored as the MO that sent it and prints its C-STORE status:
+    0000 stored, 0000 duplicate (the same bytes were stored meanwhile), or the failure status
+    and why. What succeeds is marked replayed; what fails again stays open. Exit 1 if any
+    still fails.
+    """
+    from hie.adapters.hl7_listener import Hl7Listener, replay
+    from hie.adapters.hl7_listener import replayable as hl7_replayable
     from hie.fhir.service import FhirService
-    from hie.hub.errors import HieError
+    from hie.hub.errors import HieError, NotFound
     from hie.hub.runtime import open_hub
+    from hie.pacs import replay as dicom_replay
+    from hie.pacs.storage import StorageService
     from hie.registries.patient_index import attach_mpi
 
     settings = _settings()
     hub = open_hub(settings)
+    handler: Hl7Listener | None = None
+    storage: StorageService | None = None
     try:
         wanted = list(ids or [])
         if all_open:
-            found = hub.rejected.list(status="open", channel="mllp", limit=100_000)
-            wanted += [m.id for m in reversed(found) if replayable(m)]
+            found = hub.rejected.list(status="open", limit=100_000)
+            wanted += [
+                m.id for m in reversed(found) if hl7_replayable(m) or dicom_replay.replayable(m)
+            ]
         if not wanted:
             typer.echo("nothing to replay (give ids or --all)", err=True)
             raise typer.Exit(2)
         svc = FhirService(hub.store, settings, trail=hub.audit)
         mpi = attach_mpi(svc)
-        assert mpi is not None, "HIE_MPI_ENABLED is off"
-        handler = Hl7Listener(svc, mpi, hub.rejected, workers=1)
-        failed = 0
+        failed = stored = 0
         for ident in wanted:
             try:
-                out = replay(handler, ident)
+                kept = hub.rejected.get(ident)
+                if kept is None:
+                    raise NotFound(f"no kept message {ident}")
+                if kept.channel == dicom_replay.CHANNEL:
+                    if storage is None:
+                        storage = StorageService(svc, hub.blobs, hub.rejected)
+                    done = dicom_replay.replay_instance(storage, kept)
+                    shown, ok = done.text, done.refused is None
+                    stored += done.outcome == "stored"
+                else:
+                    if handler is None:
+                        assert mpi is not None, "HIE_MPI_ENABLED is off"
+                        handler = Hl7Listener(svc, mpi, hub.rejected, workers=1)
+                    out = replay(handler, ident)
+                    why = "; ".join(p.message for p in out.errors)
+                    shown, ok = f"{out.code}{' — ' + why if why else ''}", out.code == "AA"
             except HieError as err:
                 typer.echo(f"{ident}: {err.message}", err=True)
                 failed += 1
                 continue
-            why = "; ".join(p.message for p in out.errors)
-            typer.echo(f"{ident}: {out.code}{' — ' + why if why else ''}")
-            failed += out.code != "AA"
-        handler.close()
+            typer.echo(f"{ident}: {shown}")
+            failed += not ok
+        if storage is not None and stored:
+            storage.refresh_summaries()  # the ImagingStudy counts, as after an association
     finally:
+        if handler is not None:
+            handler.close()
+        if storage is not None:
+            storage.close()
         hub.close()
     if failed:
         raise typer.Exit(1)

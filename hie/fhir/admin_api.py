@@ -16,9 +16,14 @@ record (``rejected-search``, ``rejected-read``, ``rejected-raw``, ``rejected-rep
   bytes; ``next`` continues before the last id of the page.
 - ``GET /admin/messages/{id}`` — what is known about it and its text for reading.
 - ``GET /admin/messages/{id}/raw`` — the exact bytes kept, as an attachment.
-- ``POST /admin/messages/{id}/$replay`` — an HL7 message through the MLLP intake again. A
-  replay that fails again is an answer (200, outcome ``AE``/``AR``), not an HTTP error: the
-  message stays open. 409 when it is not open or not an HL7 message.
+- ``POST /admin/messages/{id}/$replay`` — an HL7 message through the MLLP intake again
+  (outcome ``AA``/``AE``/``AR``), or a DICOM instance through the archive's storage service
+  as the MO that sent it (:mod:`hie.pacs.replay`; outcome ``stored``, ``duplicate`` — the
+  same bytes were stored meanwhile — or ``refused``, each problem with the C-STORE failure
+  status as ``dimse_status``). A replay that fails again is an answer (200), not an HTTP
+  error: the message stays open. 409 when it is not open or cannot be replayed (a frame
+  that never was a message; an instance kept without file meta, not a whole dataset,
+  refused as unreadable, or whose MO is no longer registered).
 - ``POST /admin/messages/{id}/$discard`` with ``{"reason": "…"}`` — close it unreplayed; 409
   when it is not open.
 """
@@ -27,13 +32,14 @@ from __future__ import annotations
 
 import codecs
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from hie.adapters.hl7_listener import Hl7Listener, Outcome, replay
@@ -43,10 +49,13 @@ from hie.fhir.api import query_items, read_json_body
 from hie.fhir.dates import require_range
 from hie.fhir.service import FhirService
 from hie.hub.audit import note_access
+from hie.hub.blobs.port import BlobStore
 from hie.hub.errors import InvalidRequest, NotFound, NotSupported
 from hie.hub.logging import get_logger
 from hie.hub.rejected import RejectedMessage, RejectedStore
 from hie.hub.settings import Settings
+from hie.pacs import replay as dicom_replay
+from hie.pacs.storage import StorageService
 from hie.registries.patient_index import MasterPatientIndex
 
 Json = dict[str, Any]
@@ -62,9 +71,14 @@ STATUS_TEXT = {
     "discarded": "закрыто без обработки / discarded",
 }
 OUTCOME_TEXT = {
+    # HL7 v2: the acknowledgement code (MSA-1)
     "AA": "принято / accepted",
     "AE": "ошибка при обработке / application error",
     "AR": "отклонено / rejected",
+    # DICOM: what the archive did with the instance (hie.pacs.replay.Replayed.outcome)
+    "stored": "сохранено / stored",
+    "duplicate": "уже было сохранено / already stored (duplicate)",
+    "refused": "отклонено / refused",
 }
 # A download's file name ending, by the channel the bytes came in on.
 _SUFFIX = {"mllp": "hl7", "dicom": "dcm", "stow": "dcm", "fhir": "json"}
@@ -81,8 +95,10 @@ def iso_utc(value: datetime | None) -> str | None:
 
 
 def replayable(m: RejectedMessage) -> bool:
-    """Whether ``m`` can be run through the intake again now (open, and a whole HL7 message)."""
-    return m.status == "open" and can_replay(m)
+    """Whether ``m`` can be run through the intake again now: open, and a whole HL7 message
+    or a DICOM instance refused for a cause outside its bytes (whether those carry file meta
+    is only known when it is replayed)."""
+    return m.status == "open" and (can_replay(m) or dicom_replay.replayable(m))
 
 
 def message_summary(m: RejectedMessage) -> Json:
@@ -174,27 +190,39 @@ def _json(body: Json, status: int = 200) -> Response:
 
 
 class Replayer:
-    """Runs kept HL7 messages through an MLLP intake of the app's own services again.
+    """Runs kept HL7 messages through an MLLP intake of the app's own services again, and
+    kept DICOM instances through a storage service over them.
 
-    The intake is built on the first replay (most app processes never replay). Replays run one
-    at a time: two operators pressing replay on the same message would both apply it —
-    harmless, the intake is idempotent by MSH-10, but its outcome would be recorded twice."""
+    Each is built on the first replay that needs it (most app processes never replay).
+    Replays run one at a time: two operators pressing replay on the same message would both
+    apply it — harmless, the intake is idempotent by MSH-10 and the archive by SOP Instance
+    UID, but its outcome would be recorded twice."""
 
     def __init__(
         self,
         svc: FhirService,
         mpi: MasterPatientIndex | None,
         rejected: Callable[[], RejectedStore],
+        blobs: Callable[[], BlobStore],
     ) -> None:
         self.svc = svc
         self.mpi = mpi
         self.rejected = rejected
+        self.blobs = blobs
         self._lock = threading.Lock()
         self._handler: Hl7Listener | None = None
+        self._storage: StorageService | None = None
 
-    def run(self, ident: int) -> Outcome:
-        """Replay message ``ident`` (:func:`hie.adapters.hl7_listener.replay`)."""
+    def run(self, ident: int) -> Outcome | dicom_replay.Replayed:
+        """Replay message ``ident``: an instance by :func:`hie.pacs.replay.replay_instance`,
+        anything else by :func:`hie.adapters.hl7_listener.replay` (which refuses what is not
+        an HL7 message)."""
         with self._lock:
+            kept = self.rejected().get(ident)
+            if kept is None:
+                raise NotFound(f"сообщение {ident} не найдено / no kept message {ident}")
+            if kept.channel == dicom_replay.CHANNEL:
+                return self._instance(kept)
             if self._handler is None:
                 if self.mpi is None:
                     raise NotSupported(
@@ -208,6 +236,22 @@ class Replayer:
             self._handler.senders.invalidate()
             return replay(self._handler, ident)
 
+    def _instance(self, kept: RejectedMessage) -> dicom_replay.Replayed:
+        if self._storage is None:
+            self._storage = StorageService(self.svc, self.blobs(), self.rejected())
+        out = dicom_replay.replay_instance(self._storage, kept)
+        if out.stored is not None and not out.stored.duplicate:
+            # as when an association ends: the study's ImagingStudy counts are caught up
+            self._storage.refresh_summaries()
+        return out
+
+    def close(self) -> None:
+        """Stop the storage service's file-writer threads (when one was built)."""
+        with self._lock:
+            if self._storage is not None:
+                self._storage.close()
+                self._storage = None
+
 
 def _problem(p: Hl7Problem, severity: str) -> Json:
     out: Json = {"severity": severity, "code": p.code, "message": p.message}
@@ -216,16 +260,51 @@ def _problem(p: Hl7Problem, severity: str) -> Json:
     return out
 
 
+def _replay_answer(out: Outcome | dicom_replay.Replayed) -> Json:
+    """``outcome``, ``outcome_text`` and ``problems`` of a replay, for either channel."""
+    if isinstance(out, dicom_replay.Replayed):
+        problems = []
+        if out.refused is not None:
+            err = out.refused
+            problems.append(
+                {
+                    "severity": "error",
+                    "code": err.code,
+                    "message": err.message,
+                    "dimse_status": f"{out.status:04X}",
+                }
+            )
+        return {
+            "outcome": out.outcome,
+            "outcome_text": OUTCOME_TEXT[out.outcome],
+            "problems": problems,
+        }
+    return {
+        "outcome": out.code,
+        "outcome_text": OUTCOME_TEXT[out.code],
+        "problems": [_problem(p, "error") for p in out.errors]
+        + [_problem(p, "warning") for p in out.warnings],
+    }
+
+
 def admin_router(
     svc: FhirService,
     mpi: MasterPatientIndex | None,
     rejected: Callable[[], RejectedStore],
     settings: Settings,
+    blobs: Callable[[], BlobStore],
 ) -> APIRouter:
     """The routes under ``/admin/messages`` (see the module docstring). ``rejected`` gives the
-    hub's store (opened on first use); ``svc`` and ``mpi`` are the app's, for replays."""
-    router = APIRouter(prefix=PREFIX, tags=["admin: rejected messages"])
-    replayer = Replayer(svc, mpi, rejected)
+    hub's store (opened on first use); ``svc`` and ``mpi`` are the app's, for replays;
+    ``blobs`` the hub's blob store, for DICOM replays."""
+    replayer = Replayer(svc, mpi, rejected, blobs)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(replayer.close)
+
+    router = APIRouter(prefix=PREFIX, tags=["admin: rejected messages"], lifespan=lifespan)
 
     def base(request: Request) -> str:
         return (settings.base_url.rstrip("/") or str(request.base_url).rstrip("/")) + PREFIX
@@ -305,17 +384,14 @@ def admin_router(
         ident = _ident(id)
         # named first: the intake's writes add their resources and patients to this record
         note_access("rejected-replay", action="E")
-        out = replayer.run(ident)
-        log.info("admin.rejected.replayed", id=ident, outcome=out.code, errors=len(out.errors))
-        after = kept(ident)
-        return {
-            "id": ident,
-            "outcome": out.code,
-            "outcome_text": OUTCOME_TEXT[out.code],
-            "problems": [_problem(p, "error") for p in out.errors]
-            + [_problem(p, "warning") for p in out.warnings],
-            "message": message_summary(after),
-        }
+        answer = _replay_answer(replayer.run(ident))
+        log.info(
+            "admin.rejected.replayed",
+            id=ident,
+            outcome=answer["outcome"],
+            errors=sum(p["severity"] == "error" for p in answer["problems"]),
+        )
+        return {"id": ident, **answer, "message": message_summary(kept(ident))}
 
     def run_discard(ident: int, reason: str) -> Json:
         svc.operation(OPERATION)
@@ -345,7 +421,10 @@ def admin_router(
             },
         )
 
-    @router.post("/{id}/$replay", summary="Run a rejected HL7 message through the intake again")
+    @router.post(
+        "/{id}/$replay",
+        summary="Run a rejected HL7 message or DICOM instance through the intake again",
+    )
     async def replay_message(id: str) -> Response:
         return _json(await run_in_threadpool(run_replay, id))
 

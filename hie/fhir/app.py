@@ -434,7 +434,9 @@ def create_app(
     app.include_router(terminology_router(service, settings))  # before /fhir/{rtype}/{id}
     app.include_router(audit_router(service, hub.audit, settings))
     app.include_router(documents_router(service, settings))  # before /fhir/{rtype}/{id}
-    app.include_router(admin_router(service, mpi, lambda: hub.rejected, settings))
+    app.include_router(
+        admin_router(service, mpi, lambda: hub.rejected, settings, lambda: hub.blobs)
+    )
     if mpi is not None:
         app.include_router(mpi_router(mpi, settings))
     app.include_router(dicomweb_router(service, hub, settings))

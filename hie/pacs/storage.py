@@ -24,7 +24,8 @@ naming the DIMSE status to answer. The stages, in order:
 A blob stored for a transaction that then fails is left behind unreferenced (harmless:
 content-addressed, and a later retry of the same bytes reuses it); an index row never points
 at a blob that is not durable. Every refusal is kept in the rejected-message store with the
-bytes as received (``hie messages list``).
+bytes as received (``hie messages list``), and stored from there once its cause is fixed
+(:mod:`hie.pacs.replay`, ``hie messages replay``).
 """
 
 from __future__ import annotations
@@ -125,20 +126,23 @@ class StorageService:
 
     # --- the operation ---------------------------------------------------------------------
 
-    def store(self, rx: Received, mo: RegisteredMo) -> Stored:
-        """Store one instance from ``mo``; raise :class:`DicomRefused` (kept in the
-        rejected-message store) when it is not stored."""
+    def store(self, rx: Received, mo: RegisteredMo, *, keep: bool = True) -> Stored:
+        """Store one instance from ``mo``; raise :class:`DicomRefused` when it is not stored,
+        after keeping it in the rejected-message store — unless ``keep`` is false: a replay
+        of an instance kept already (:mod:`hie.pacs.replay`) must not keep it twice."""
         try:
             return self._store(rx, mo)
         except DicomRefused as err:
-            self._keep(rx, mo, err)
+            if keep:
+                self._keep(rx, mo, err)
             raise
         except Exception as exc:  # a bug must not cost the instance: kept, the sender told
             log.error("pacs.store_failed", error=type(exc).__name__, mo=mo.id)
             failure = ArchiveUnavailable(
                 "the archive could not store the instance; it is kept for replay"
             )
-            self._keep(rx, mo, failure)
+            if keep:
+                self._keep(rx, mo, failure)
             raise failure from exc
 
     def _store(self, rx: Received, mo: RegisteredMo) -> Stored:
