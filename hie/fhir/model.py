@@ -41,6 +41,13 @@ def validate(res: dict[str, Any]) -> None:
         raise InvalidResource(
             f"unknown or missing resourceType {rtype!r}", expression=["resourceType"]
         )
+    bad = _malformed_primitive_extension(res, rtype)
+    if bad is not None:
+        raise InvalidResource(
+            f"{bad}: a primitive's extension element must be an object (or a list of objects "
+            "and nulls for a repeating primitive)",
+            expression=[bad],
+        )
     try:
         _model(rtype).model_validate(res)
     except ValidationError as exc:
@@ -50,8 +57,33 @@ def validate(res: dict[str, Any]) -> None:
             paths.append(path)
             msgs.append(f"{path}: {err.get('msg', 'invalid')}")
         raise InvalidResource("; ".join(msgs), expression=paths) from None
-    except (ValueError, TypeError) as exc:  # raised by some root validators
+    except (ValueError, TypeError, AttributeError) as exc:  # raised by some root validators
         raise InvalidResource(f"{rtype}: {exc}", expression=[rtype]) from None
+
+
+def _malformed_primitive_extension(node: Any, path: str) -> str | None:
+    """The path of the first ``_element`` (a primitive's id and extensions, FHIR JSON §2.6.2)
+    that is not an object or a list of objects and nulls: the model library crashes on
+    those instead of reporting them."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            found = _malformed_primitive_extension(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+        return None
+    if not isinstance(node, dict):
+        return None
+    for key, value in node.items():
+        here = f"{path}.{key}"
+        if key.startswith("_") and not (
+            isinstance(value, dict)
+            or (isinstance(value, list) and all(v is None or isinstance(v, dict) for v in value))
+        ):
+            return here
+        found = _malformed_primitive_extension(value, here)
+        if found is not None:
+            return found
+    return None
 
 
 @cache

@@ -589,6 +589,19 @@ def test_create_patient_never_fails(api: TestClient, body: Any) -> None:
         assert r.headers["location"].startswith("http://hub.test/fhir/Patient/")
 
 
+@pytest.mark.parametrize("extension", ["true", 1.5, [1], {"extension": "x"}])
+def test_a_malformed_primitive_extension_is_a_400_naming_it(
+    api: TestClient, extension: Any
+) -> None:
+    # found by the fuzzer above: the model library crashed on `_birthDate` that is no object
+    body = {"resourceType": "Patient", "birthDate": "1980-01-01", "_birthDate": extension}
+    r = api.post("/fhir/Patient", content=json.dumps(body), headers={"Content-Type": FHIR_JSON})
+    assert r.status_code == 400, r.text
+    [issue] = r.json()["issue"]
+    assert issue["severity"] == "error"
+    assert issue["expression"][0].startswith("Patient._birthDate")
+
+
 @FUZZ
 @given(body=st.binary(max_size=200), ctype=st.sampled_from([FHIR_JSON, "text/plain", ""]))
 def test_create_with_garbage_bytes_never_fails(api: TestClient, body: bytes, ctype: str) -> None:
