@@ -9,7 +9,9 @@ Generates one study set (``--series`` CT series of ``--per-series`` instances, 5
 - dcmtk's ``storescp`` writing files to disk (the practical ceiling);
 - Orthanc, when its Debian package is installed (``Orthanc`` on the PATH);
 - a pynetdicom SCP that keeps nothing, with stock and with the hub's tuned association loops
-  (the ceiling of any receiver on pynetdicom).
+  (the ceiling of any receiver on pynetdicom), and the tuned one writing each instance to the
+  hub's blob store before it answers (fsync, rename, directory fsync, as the hub does): the
+  ceiling of a pynetdicom receiver that makes every instance durable before its response.
 
 Prints instances/s and MB/s for each and the hub's ratios, and appends one JSON line to
 ``bench/results/pacs.jsonl``.
@@ -206,20 +208,30 @@ def run_orthanc(work: Path, data: Path) -> float | None:
         proc.wait(60)
 
 
-def serve_do_nothing(port: int, tuned: bool) -> None:
-    """A pynetdicom SCP that accepts every instance and keeps none: the most any SCP built on
-    pynetdicom can take, with its association loops stock or as the hub tunes them
-    (``hie.adapters.dicom_reactor``). Runs until killed."""
+def serve_do_nothing(port: int, mode: str, blob_dir: str | None = None) -> None:
+    """A pynetdicom SCP that accepts every instance and keeps none (``stock``, ``tuned``) or
+    only its file (``durable``: the hub's filesystem blob store in ``blob_dir``): the most any
+    SCP built on pynetdicom can take, with its association loops stock or as the hub tunes
+    them (``hie.adapters.dicom_reactor``). Runs until killed."""
+    import hashlib
+
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     from hie.adapters import dicom_reactor
+    from hie.hub.blobs.filesystem import FilesystemBlobStore
+
+    blobs = FilesystemBlobStore(blob_dir) if mode == "durable" and blob_dir else None
 
     def on_store(event: Any) -> int:
-        event.encoded_dataset(include_meta=False)  # the bytes as the hub takes them
+        if blobs is None:
+            event.encoded_dataset(include_meta=False)  # the bytes as the hub takes them
+            return 0
+        p10 = event.encoded_dataset(include_meta=True)  # the file as the hub keeps it
+        blobs.put(p10, expected_sha256=hashlib.sha256(p10).hexdigest())
         return 0
 
     handlers: list[Any] = [(evt.EVT_C_STORE, on_store)]
-    if tuned:
+    if mode != "stock":
         dicom_reactor.install()
         handlers.append((evt.EVT_CONN_OPEN, lambda event: dicom_reactor.tune(event.assoc)))
     ae = AE(ae_title="NOTHING")
@@ -229,11 +241,11 @@ def serve_do_nothing(port: int, tuned: bool) -> None:
     ae.start_server(("127.0.0.1", port), evt_handlers=handlers)
 
 
-def run_do_nothing(data: Path, tuned: bool) -> float:
+def run_do_nothing(data: Path, mode: str) -> float:
     port = free_port()
-    mode = "tuned" if tuned else "stock"
+    blob_dir = data.parent / f"blobs-{mode}"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--do-nothing-scp", mode, str(port)],
+        [sys.executable, __file__, "--do-nothing-scp", mode, str(port), str(blob_dir)],
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -459,10 +471,13 @@ def main() -> None:
     ap.add_argument("--per-series", type=int, default=200)
     ap.add_argument("--small", type=int, default=500)
     ap.add_argument("--find", type=int, metavar="STUDIES", help="measure C-FIND instead")
-    ap.add_argument("--do-nothing-scp", nargs=2, metavar=("stock|tuned", "PORT"), help=SUPPRESS)
+    ap.add_argument(
+        "--do-nothing-scp", nargs=3, metavar=("stock|tuned|durable", "PORT", "DIR"), help=SUPPRESS
+    )
     args = ap.parse_args()
     if args.do_nothing_scp:
-        serve_do_nothing(int(args.do_nothing_scp[1]), args.do_nothing_scp[0] == "tuned")
+        mode, port, blob_dir = args.do_nothing_scp
+        serve_do_nothing(int(port), mode, blob_dir)
         return
     if args.find:
         run_find(args.find)
@@ -476,22 +491,25 @@ def main() -> None:
         rows: dict[str, float | None] = {}
         rows["storescp (disk)"] = run_storescp(work, data)
         rows["Orthanc"] = run_orthanc(work, data)
-        rows["pynetdicom, stock"] = run_do_nothing(data, tuned=False)
-        rows["pynetdicom, tuned"] = run_do_nothing(data, tuned=True)
+        rows["pynetdicom, stock"] = run_do_nothing(data, "stock")
+        rows["pynetdicom, tuned"] = run_do_nothing(data, "tuned")
+        rows["pynetdicom, durable"] = run_do_nothing(data, "durable")
         hub_s, stored = run_hub(work, data)
         rows["hie hub"] = hub_s
         if stored != len(files):
             raise RuntimeError(f"the hub stored {stored} of {len(files)} instances")
-    print(f"\n{'receiver':<20}{'seconds':>10}{'instances/s':>14}{'MB/s':>10}")
+    print(f"\n{'receiver':<22}{'seconds':>10}{'instances/s':>14}{'MB/s':>10}")
     for name, secs in rows.items():
         if secs is None:
-            print(f"{name:<20}{'not installed':>34}")
+            print(f"{name:<22}{'not installed':>34}")
             continue
-        print(f"{name:<20}{secs:>10.2f}{len(files) / secs:>14.1f}{mb / secs:>10.1f}")
+        print(f"{name:<22}{secs:>10.2f}{len(files) / secs:>14.1f}{mb / secs:>10.1f}")
     ceiling = rows["storescp (disk)"] or 1.0
     print(f"\nhub / storescp: {ceiling / hub_s:.0%} of the instance rate")
     if rows["Orthanc"]:
         print(f"hub / Orthanc: {rows['Orthanc'] / hub_s:.2f}×")
+    durable = rows["pynetdicom, durable"] or 1.0
+    print(f"hub / pynetdicom writing durable files only: {durable / hub_s:.0%}")
     append_result(
         RESULTS,
         {
