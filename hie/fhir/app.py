@@ -334,6 +334,7 @@ def background_work(hub: Hub) -> None:
                     lambda: hub.search_index,
                     blobs=lambda: hub.blobs,
                     max_body_bytes=hub.settings.max_document_bytes,
+                    extract_processes=hub.settings.index_extract_processes,
                 )
             ]
         )

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import html
+import multiprocessing
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -29,7 +35,7 @@ from typing import Any, Final
 import orjson
 from prometheus_client import Counter, Histogram
 
-from hie.fhir.document_content import MAX_TEXT_CHARS, extract_text, parse_media_type
+from hie.fhir.document_content import MAX_TEXT_CHARS, Extracted, extract_text, parse_media_type
 from hie.fhir.documents import BlobRef, Body, binary_id, bodies, security_context
 from hie.hub.blobs.port import BlobStore
 from hie.hub.errors import BlobNotFound, HieError, InvalidRequest, StorageError
@@ -66,7 +72,7 @@ UNINDEXABLE_KINDS: Final = (
     "missing",  # no Binary, or its blob is not in the blob store
     "integrity",  # the blob's bytes do not match its SHA-256 key
     "storage-error",  # the blob store failed while reading
-    "extractor-error",  # the text extractor failed (a bug: extract_text should never raise)
+    "extractor-error",  # the text extractor failed: a bug, or its process crashed or hung
 )
 
 UNINDEXABLE = Counter(
@@ -75,6 +81,10 @@ UNINDEXABLE = Counter(
     ["kind"],
 )
 BODIES = Counter("hie_document_bodies_indexed_total", "Document bodies whose text was indexed")
+EXTRACTOR_RESTARTS = Counter(
+    "hie_document_extractor_restarts_total",
+    "Text-extraction worker pools replaced after a body crashed or hung a worker",
+)
 EXTRACT_SECONDS = Histogram(
     "hie_document_extract_seconds",
     "Time to read one document body from the blob store and extract its text",
@@ -281,9 +291,97 @@ def _kind_of(reason: str | None) -> str:
     reason = reason or ""
     if reason == "encrypted":
         return "encrypted"
+    if reason.startswith(EXTRACTOR_FAILED):
+        return "extractor-error"
     if reason.startswith(("no text extractor", "DICOM")):
         return "unsupported"
     return "unreadable"
+
+
+EXTRACTOR_FAILED = "the text extractor"  # how a crashed or hung extraction's reason starts
+Extract = Callable[[bytes, str], Extracted]
+
+
+def _pool_context() -> Any:
+    # forkserver, not fork: the hub's process has threads (a forked child could inherit a
+    # lock some other thread held); the server process is started once, lean
+    return multiprocessing.get_context("forkserver")
+
+
+class TextExtractor:
+    """:func:`~hie.fhir.document_content.extract_text` in ``processes`` worker processes
+    (0: in the calling thread).
+
+    In processes, extraction runs beside the hub's own threads instead of taking turns with
+    them under one interpreter lock, and a body that crashes PDFium or never finishes costs a
+    worker process, not the hub: after ``timeout`` seconds, or when the worker dies, the pool
+    is replaced and the body is tried once more on the new one (another body's crash may have
+    taken its worker down), then reported as not indexable (``extractor-error``).
+    ``fn`` is the extraction function (a module-level function: it crosses to the workers by
+    name)."""
+
+    def __init__(self, processes: int, *, timeout: float = 120.0, fn: Extract = extract_text):
+        self.processes = max(0, processes)
+        self.timeout = timeout
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __call__(self, data: bytes, content_type: str) -> Extracted:
+        if not self.processes:
+            return self.fn(data, content_type)
+        pool = self._current()
+        try:
+            return self._run(pool, data, content_type)
+        except (FuturesTimeout, BrokenProcessPool):
+            self._replace(pool)
+        # once more, alone in a process of its own: the body that broke the pool may have been
+        # another one in flight beside this
+        alone = ProcessPoolExecutor(1, mp_context=_pool_context())
+        try:
+            return self._run(alone, data, content_type)
+        except FuturesTimeout:
+            why = f"{EXTRACTOR_FAILED} ran over {self.timeout:g} s"
+        except BrokenProcessPool:
+            why = f"{EXTRACTOR_FAILED} crashed"
+        finally:
+            _stop(alone)
+        return Extracted("", indexable=False, reason=why)
+
+    def _run(self, pool: ProcessPoolExecutor, data: bytes, content_type: str) -> Extracted:
+        return pool.submit(self.fn, data, content_type).result(timeout=self.timeout)
+
+    def _current(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=_pool_context())
+            return self._pool
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """Retire ``broken`` once (another thread may have already)."""
+        with self._lock:
+            if self._pool is not broken:
+                return
+            self._pool = None
+        log.warning("document.extractor.restarted")
+        EXTRACTOR_RESTARTS.inc()
+        _stop(broken)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down without waiting, its workers killed (one may be stuck in a body, and
+    would never come back to the pool's own shutdown)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 class BodyReader:
@@ -291,11 +389,15 @@ class BodyReader:
 
     ``max_bytes`` bounds memory: a body declared (or found while streaming) larger than that
     is not read and is reported ``too-large``. Every failure is reported, never raised.
+    ``extract``: the extraction (:class:`TextExtractor`; by default in the calling thread).
     """
 
-    def __init__(self, blobs: Callable[[], BlobStore], max_bytes: int) -> None:
+    def __init__(
+        self, blobs: Callable[[], BlobStore], max_bytes: int, extract: Extract = extract_text
+    ) -> None:
         self.blobs = blobs
         self.max_bytes = max_bytes
+        self.extract = extract
 
     def read(self, store: ResourceStore, res: dict[str, Any]) -> BodiesText:
         """The text of every body of DocumentReference ``res``, and what could not be read."""
@@ -325,7 +427,7 @@ class BodyReader:
                 else:
                     raise _Unreadable("missing", f"{where}: the body is not stored in the hub")
                 try:
-                    got = extract_text(data, ctype)
+                    got = self.extract(data, ctype)
                 except Exception as exc:  # noqa: BLE001 - one body must not stop the worker
                     raise _Unreadable("extractor-error", f"{type(exc).__name__}: {exc}") from exc
                 del data
@@ -438,13 +540,19 @@ def _document_title(res: dict[str, Any], body_title: str | None) -> str:
 # --- the consumer ----------------------------------------------------------------------------
 
 
+CHUNK = 16  # resources read and indexed at a time within a batch
+COMMIT_SECONDS = 0.5  # longest indexing time between two commits of the index
+
+
 class SearchIndexer:
     """Indexes created/updated resources and removes deleted ones (idempotent by design:
     an upsert of the current version is the same however often it runs).
 
     ``blobs``: the blob store, for the text of document bodies (without it, documents are
     indexed on their metadata and not flagged). ``max_body_bytes``: bodies larger than this
-    are not read (``HIE_MAX_DOCUMENT_BYTES``).
+    are not read (``HIE_MAX_DOCUMENT_BYTES``). ``extract_processes``: worker processes that
+    extract body text (:class:`TextExtractor`; ``HIE_INDEX_EXTRACT_PROCESSES``); with them, the
+    documents of a chunk are read and extracted side by side.
     """
 
     name = "search-index"
@@ -456,10 +564,27 @@ class SearchIndexer:
         *,
         blobs: Callable[[], BlobStore] | None = None,
         max_body_bytes: int = 64 << 20,
+        extract_processes: int = 0,
+        extractor: TextExtractor | None = None,
     ) -> None:
         self.store = store
         self.index = index
-        self.reader = BodyReader(blobs, max_body_bytes) if blobs is not None else None
+        self.extractor = extractor or TextExtractor(extract_processes)
+        self.reader = (
+            BodyReader(blobs, max_body_bytes, self.extractor) if blobs is not None else None
+        )
+        # reading threads: each waits on the blob store or a worker process, not the CPU
+        self._threads = (
+            ThreadPoolExecutor(2 * self.extractor.processes, thread_name_prefix="hie-index")
+            if self.extractor.processes
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the reading threads and the extraction processes."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+        self.extractor.close()
 
     def document(self, res: dict[str, Any]) -> IndexDoc:
         """The index document for a current resource (a document's bodies read and extracted)."""
@@ -494,19 +619,34 @@ class SearchIndexer:
                     refs.append(context)
         if not refs:
             return
-        current = {(r.resource_type, r.id): r for r in self.store.read_many(refs)}
-        docs, gone = [], []
-        for ref in refs:
-            found = current.get(ref)
-            if found is None or found.content is None:
-                gone.append(f"{ref[0]}/{ref[1]}")
-            else:
-                docs.append(self.document(orjson.loads(found.content)))
         idx = self.index()
-        if gone:
-            idx.delete(gone)
-        if docs:
-            idx.upsert(docs)
+        # A batch can be thousands of documents (a backlog): what is indexed is committed at
+        # least every COMMIT_SECONDS, so a document becomes searchable about that long after
+        # it is indexed, not after the whole batch (re-indexing after a crash is harmless).
+        since_commit = time.monotonic()
+        for start in range(0, len(refs), CHUNK):
+            chunk = refs[start : start + CHUNK]
+            current = {(r.resource_type, r.id): r for r in self.store.read_many(chunk)}
+            gone: list[str] = []
+            present: list[dict[str, Any]] = []
+            for ref in chunk:
+                found = current.get(ref)
+                if found is None or found.content is None:
+                    gone.append(f"{ref[0]}/{ref[1]}")
+                else:
+                    present.append(orjson.loads(found.content))
+            docs = (
+                list(self._threads.map(self.document, present))
+                if self._threads is not None
+                else [self.document(res) for res in present]
+            )
+            if gone:
+                idx.delete(gone)
+            if docs:
+                idx.upsert(docs)
+            if time.monotonic() - since_commit >= COMMIT_SECONDS:
+                idx.commit()
+                since_commit = time.monotonic()
         idx.commit()
 
 

@@ -111,6 +111,10 @@ class Hub:
             self._worker = None
             for job in self.jobs:
                 job.stop()
+        for consumer in self.consumers:  # threads or processes of their own, if any
+            close = getattr(consumer, "close", None)
+            if close is not None:
+                close()
         if self._exporter is not None:
             self._exporter.stop()
             self._exporter = None

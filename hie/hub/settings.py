@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     base_url: str = ""
     max_body_bytes: int = Field(default=1 << 20, description="request body limit outside documents")
     max_document_bytes: int = Field(default=64 << 20, description="body limit for documents")
+    index_extract_processes: int = Field(
+        default=-1,
+        description="processes extracting document text for the search index "
+        "(-1: one per CPU; 0: inside the outbox worker)",
+    )
     page_size: int = 50
     max_page_size: int = 1000
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -128,6 +133,8 @@ class Settings(BaseSettings):
     def _defaults_and_production_checks(self) -> Settings:
         if self.mpi_review_bits > self.mpi_auto_link_bits:
             raise ValueError("HIE_MPI_REVIEW_BITS must not exceed HIE_MPI_AUTO_LINK_BITS")
+        if self.index_extract_processes < 0:
+            self.index_extract_processes = os.cpu_count() or 1
         if self.dicom_tls_port and not self.dicom_tls_cert:
             raise ValueError("HIE_DICOM_TLS_PORT needs HIE_DICOM_TLS_CERT (and its key)")
         if not self.database_url:

@@ -3,6 +3,8 @@ not-indexable flag for bodies that cannot be read (real SQLite, filesystem blobs
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,12 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from hie.fhir.document_content import CDA_MEDIA_TYPE
+from hie.fhir import indexing
+from hie.fhir.document_content import CDA_MEDIA_TYPE, Extracted, extract_text
 from hie.fhir.indexing import (
     PRESENCE_WORD,
     SearchIndexer,
+    TextExtractor,
     document_fields,
     index_status,
     to_doc,
@@ -371,3 +375,70 @@ def test_search_reindex_keeps_the_body_text(
         assert found(h, PRESENCE_WORD, indexable=["false"]) == [bad]
     finally:
         h.close()
+
+
+def test_a_long_batch_becomes_searchable_as_it_goes(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a backlog of thousands of documents is one batch: its first documents are committed
+    # (searchable) while the rest are still being read, not when the whole batch is done
+    monkeypatch.setattr(indexing, "COMMIT_SECONDS", 0.0)
+    docs = [store_document(hub, "p1", b"pneumonia", "text/plain") for _ in range(40)]
+    ix = indexer(hub)
+    searchable_before: list[int] = []
+    real = ix.document
+
+    def document(res: dict[str, Any]) -> Any:
+        searchable_before.append(len(found(hub, "pneumonia")))
+        return real(res)
+
+    ix.document = document  # type: ignore[method-assign]
+    drain(hub, ix)
+    chunks = [searchable_before[i] for i in range(0, 40, indexing.CHUNK)]
+    assert chunks == list(range(0, 40, indexing.CHUNK))
+    assert found(hub, "pneumonia") == sorted(docs)
+
+
+# --- text extraction in worker processes ------------------------------------------------------
+
+
+def crash_or_hang(data: bytes, content_type: str) -> Extracted:
+    """extract_text, except that one body kills its worker process and another never ends
+    (as a PDF that crashes or loops PDFium would)."""
+    if data == b"CRASH":
+        os._exit(1)
+    if data == b"HANG":
+        time.sleep(3600)
+    return extract_text(data, content_type)
+
+
+def test_extraction_in_worker_processes_finds_the_same_text(hub: Hub) -> None:
+    ix = SearchIndexer(
+        hub.store, lambda: hub.search_index, blobs=lambda: hub.blobs, extract_processes=2
+    )
+    try:
+        pdf = store_document(hub, "p1", make_pdf(PNEUMONIA), "application/pdf")
+        cda = store_document(hub, "p1", make_cda(*CDA_SECTIONS), CDA_MEDIA_TYPE)
+        drain(hub, ix)
+    finally:
+        ix.close()
+    assert found(hub, "пневмонии") == sorted([pdf, cda])
+    assert found(hub, "гемоглобина") == [cda]
+
+
+def test_a_body_that_crashes_or_hangs_its_worker_costs_that_document_only(hub: Hub) -> None:
+    good = [store_document(hub, "p1", b"pneumonia, day %d" % i, "text/plain") for i in range(6)]
+    crash = store_document(hub, "p1", b"CRASH", "text/plain")
+    hang = store_document(hub, "p1", b"HANG", "text/plain")
+    more = [store_document(hub, "p1", b"pneumonia again", "text/plain") for _ in range(3)]
+    extractor = TextExtractor(2, timeout=2.0, fn=crash_or_hang)
+    ix = SearchIndexer(
+        hub.store, lambda: hub.search_index, blobs=lambda: hub.blobs, extractor=extractor
+    )
+    try:
+        drain(hub, ix)
+    finally:
+        ix.close()
+    assert found(hub, "pneumonia") == sorted(good + more)
+    flagged = found(hub, PRESENCE_WORD, unindexable_kind=["extractor-error"])
+    assert flagged == sorted([crash, hang])
