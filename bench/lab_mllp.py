@@ -45,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fhir_store import free_port, hub_server  # noqa: E402
 from mllp_tools import LoadResult, run_load, split, start_echo_server  # noqa: E402
 
+from hie.demo.identifiers import random_snils  # noqa: E402
 from hie.hub.settings import load_settings  # noqa: E402
 from tests.fixtures.hl7v2 import (  # noqa: E402
     LAB_FACILITY,
     MO_NAMESPACE,
+    SNILS_OID,
     adt_message,
     lab_pid,
     oru_message,
@@ -61,12 +63,19 @@ GIVEN = ["Анна", "Мария", "Ольга", "Елена", "Татьяна",
 
 
 def person_pid(n: int) -> dict[int, Any]:
-    """PID of registered person ``n``: the clinic's number, a distinct name and birth date."""
+    """PID of registered person ``n``: the clinic's number, a SNILS, a distinct name, birth
+    date and mobile number (people who share identifiers would all be one candidate block
+    for the master patient index, which a city's people are not)."""
     rng = random.Random(n)
+    snils = random_snils(rng).replace("-", "").replace(" ", "")
     return lab_pid(
-        pid_3=[(f"{7_000_000 + n}", "", "", (MO_NAMESPACE, "", ""), "MR")],
+        pid_3=[
+            (f"{7_000_000 + n}", "", "", (MO_NAMESPACE, "", ""), "MR"),
+            (snils, "", "", ("", SNILS_OID, "ISO"), "SNILS"),
+        ],
         pid_5=(rng.choice(FAMILIES), rng.choice(GIVEN), f"Тест{n}", "", "", "", "L"),
         pid_7=f"{rng.randint(1940, 2005)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
+        pid_13=("", "PRN", "CP", "", "7", "921", f"{1_000_000 + n:07d}"),
     )
 
 

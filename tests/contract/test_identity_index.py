@@ -8,6 +8,7 @@ import pytest
 
 from hie.hub.errors import VersionConflict
 from hie.hub.store.port import (
+    MAX_KEY_MEMBERS,
     CompartmentCond,
     IndexRows,
     NewVersion,
@@ -64,6 +65,22 @@ def test_put_members_candidates_and_remove(store: ResourceStore) -> None:
         assert [c.features for c in idx.candidates("Patient", ["t:9211234567"], 10)] == [b'{"f":9}']
         assert [m.id for m in idx.members("Patient", "g1")] == ["g1", "s1"]
         assert [r.id for r in idx.records("Patient", ["s1", "s3", "zz"])] == ["s1", "s3"]
+
+
+def test_a_key_shared_by_too_many_records_is_left_out(store: ResourceStore) -> None:
+    phone = "t:9211234567"  # a clinic's phone entered for every one of its patients
+    with store.transaction() as tx:
+        for n in range(MAX_KEY_MEMBERS + 1):
+            tx.identity.put("Patient", f"p{n:03d}", f"p{n:03d}", b"{}", [phone, f"fd:X:{n}"])
+        tx.identity.put("Patient", "zz", "zz", b"{}", ["fd:IVN:19850307"])
+    with store.identity_reader() as idx:
+        found = idx.candidates("Patient", [phone, "fd:IVN:19850307"], 10)
+        assert [c.id for c in found] == ["zz"]
+        assert [c.id for c in idx.candidates("Patient", [phone, "fd:X:7"], 10)] == ["p007"]
+    with store.transaction() as tx:  # at the cap, the key still counts
+        tx.identity.remove("Patient", "p000")
+    with store.identity_reader() as idx:
+        assert len(idx.candidates("Patient", [phone], 500)) == MAX_KEY_MEMBERS
 
 
 def test_move_group_and_journal(store: ResourceStore) -> None:

@@ -13,6 +13,7 @@ from hie.hub.store.port import (
     AnyOf,
     ChainCond,
     CompartmentCond,
+    Condition,
     DateCond,
     DateRow,
     IdCond,
@@ -183,6 +184,37 @@ def test_search_conditions(store: ResourceStore) -> None:
     assert _ids(store.search(Query("Patient", [StringCond("name", "ван", "contains")]))) == ["p1"]
     assert _ids(store.search(Query("Patient", [StringCond("name", "иван", "exact")]))) == []
     assert _ids(store.search(Query("Patient", [StringCond("name", "Иванова", "exact")]))) == ["p1"]
+
+
+def test_any_of_several_systems_of_one_token(store: ResourceStore) -> None:
+    # identifier=placer|P1,filler|F2: one probe of the token index (it drives the search)
+    rows = {
+        "s1": [
+            TokenRow("identifier", "urn:placer", "P1"),
+            TokenRow("identifier", "urn:filler", "F1"),
+        ],
+        "s2": [
+            TokenRow("identifier", "urn:placer", "P2"),
+            TokenRow("identifier", "urn:filler", "F2"),
+        ],
+        "s3": [TokenRow("identifier", None, "F2"), TokenRow("status", None, "active")],
+        "s4": [TokenRow("identifier", "urn:other", "P1"), TokenRow("status", None, "active")],
+    }
+    for rid, r in rows.items():
+        _put(store, "ServiceRequest", rid, r)  # type: ignore[arg-type]
+
+    def q(*conds: Condition) -> list[str]:
+        return sorted(_ids(store.search(Query("ServiceRequest", list(conds)))))
+
+    def tok(system: str | None, code: str) -> TokenCond:
+        return TokenCond("identifier", system, code)
+
+    assert q(AnyOf((tok("urn:placer", "P1"), tok("urn:filler", "F2")))) == ["s1", "s2"]
+    assert q(AnyOf((tok("", "F2"), tok("urn:placer", "P1")))) == ["s1", "s3"]  # no system
+    assert q(AnyOf((tok(None, "F2"), tok("urn:other", "P1")))) == ["s2", "s3", "s4"]  # any
+    active = TokenCond("status", None, "active")
+    assert q(AnyOf((tok("urn:placer", "P1"), tok("urn:other", "P1"))), active) == ["s4"]
+    assert q(AnyOf((tok("urn:placer", "P9"), tok("urn:filler", "F9")))) == []
 
 
 def test_keyset_paging_sort_and_total(store: ResourceStore) -> None:

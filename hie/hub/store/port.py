@@ -424,7 +424,8 @@ class IdentityIndex(Protocol):
 
     def candidates(self, rtype: str, keys: Sequence[str], limit: int) -> list[LinkedRecord]:
         """Members with features sharing a blocking key with ``keys``, most shared keys
-        first (ties by id), at most ``limit``."""
+        first (ties by id), at most ``limit``. A key with more than :data:`MAX_KEY_MEMBERS`
+        members is left out."""
 
     def log(self, rtype: str, id: str, group_id: str, kind: str, body: bytes, when: int) -> int:
         """Append to the journal; returns the entry's sequence number."""
@@ -439,6 +440,12 @@ class IdentityIndex(Protocol):
         limit: int = 100,
     ) -> list[IdentityLogEntry]:
         """Journal entries about ``id`` and/or ``group_id`` (and of ``kind``), newest first."""
+
+
+# A blocking key shared by more records than this tells people apart no better than chance
+# (a clinic's phone entered for its patients, a placeholder document number): a lookup leaves
+# it out, so it neither turns one match into a scan nor crowds out the selective keys.
+MAX_KEY_MEMBERS = 100
 
 
 class WriteTx(Protocol):

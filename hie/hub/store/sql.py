@@ -836,6 +836,8 @@ class _Compiler:
             rank = self._RANK.get(type(c), 99)
             if isinstance(c, StringCond) and c.mode == "contains":
                 rank = 99
+            if isinstance(c, AnyOf) and c.conds and self._same_param_tokens(c.conds):
+                rank = self._RANK[TokenCond]  # identifier=a|1,b|2: one probe of the index
             if rank < best_rank:
                 best, best_rank = i, rank
         return best
@@ -869,6 +871,8 @@ class _Compiler:
             if same is not None:  # code=a,b,c: one probe over the codes, not one per code
                 codes = [str(getattr(x, "code", "")) for x in c.conds]
                 return self._token(same, codes, r, rt, drive)
+            if self._same_param_tokens(c.conds):  # identifier=sys1|a,sys2|b: one probe too
+                return self._tokens_of_systems(c.conds, r, rt, drive)
             return or_(*(self.cond(x, r, rt) for x in c.conds))
         if isinstance(c, AllOf):
             return and_(*self.where(c.conds, r, rt)) if c.conds else true()
@@ -993,6 +997,40 @@ class _Compiler:
             ):
                 return None
         return first
+
+    @staticmethod
+    def _same_param_tokens(conds: Sequence[Condition]) -> bool:
+        """Whether ``conds`` are plain token matches of one parameter (systems may differ)."""
+        first = conds[0]
+        return all(
+            isinstance(x, TokenCond)
+            and not x.negate
+            and x.code is not None
+            and isinstance(first, TokenCond)
+            and x.param == first.param
+            for x in conds
+        )
+
+    def _tokens_of_systems(
+        self, conds: Sequence[Condition], r: FromClause, rt: str | None, drive: bool
+    ) -> ColumnElement[bool]:
+        """Any of several ``system|code`` of one token parameter, in one probe of the token
+        index: a search for an order by its placer or filler number drives from the index
+        instead of testing every row (an OR of correlated probes cannot drive)."""
+        t = s.idx_token
+        tokens = [x for x in conds if isinstance(x, TokenCond)]
+        pid = self.pid(tokens[0].param, rt)
+        pairs: list[ColumnElement[bool]] = []
+        for x in tokens:
+            # the parameter inside each term: SQLite then searches the index once per term
+            # (with it outside the OR, it walks every row of the parameter)
+            match = [t.c.pid == pid, t.c.code == _clip(x.code or "")]
+            if x.system == "":
+                match.append(t.c.system.is_(None))
+            elif x.system is not None:
+                match.append(t.c.system == _clip(x.system))
+            pairs.append(and_(*match))
+        return self._probe(t, r, drive, or_(*pairs))
 
     def _token(
         self, c: TokenCond, codes: list[str], r: FromClause, rt: str | None, drive: bool

@@ -21,15 +21,11 @@ from sqlalchemy import (
 from sqlalchemy.sql import Select
 
 from hie.hub.store import schema as s
-from hie.hub.store.port import IdentityLogEntry, LinkedRecord
+from hie.hub.store.port import MAX_KEY_MEMBERS, IdentityLogEntry, LinkedRecord
 
 L = s.identity_links
 K = s.identity_keys
 J = s.identity_log
-
-# At most this many key rows are read for one lookup (a phone shared by a whole ward must
-# not turn one match into a scan).
-BLOCK_ROWS = 5000
 
 
 # Statements of the per-write path, built once (see hie.hub.store.sql).
@@ -38,10 +34,8 @@ _GROUP_OF = select(L.c.group_id).where(L.c.rtype == _RT, L.c.id == bindparam("id
 _LINK_COLS = (L.c.id, L.c.group_id, L.c.features)
 _MEMBERS = select(*_LINK_COLS).where(L.c.rtype == _RT, L.c.group_id == bindparam("group_id"))
 _RECORDS = select(*_LINK_COLS).where(L.c.rtype == _RT, L.c.id.in_(bindparam("ids", expanding=True)))
-_KEY_HITS = (
-    select(K.c.id)
-    .where(K.c.rtype == _RT, K.c.key.in_(bindparam("keys", expanding=True)))
-    .limit(BLOCK_ROWS)
+_KEY_MEMBERS = (
+    select(K.c.id).where(K.c.rtype == _RT, K.c.key == bindparam("key")).limit(MAX_KEY_MEMBERS + 1)
 )
 _INSERT_LINK = insert(L)
 _INSERT_KEY = insert(K)
@@ -131,14 +125,16 @@ class SqlIdentityIndex:
         self.conn.execute(delete(L).where(L.c.rtype == rtype, L.c.id == id))
 
     def candidates(self, rtype: str, keys: Sequence[str], limit: int) -> list[LinkedRecord]:
-        """Members sharing a key with ``keys``, most shared keys first."""
-        keys = list(dict.fromkeys(k[:96] for k in keys))
-        if not keys:
-            return []
-        # Rows are fetched by key and counted here: a GROUP BY in SQL lets SQLite's planner,
-        # lacking statistics, walk the per-id index over every key of the type instead.
-        hits = self.conn.execute(_KEY_HITS, {"rtype": rtype, "keys": keys}).scalars()
-        shared = Counter(str(i) for i in hits)
+        """Members sharing a key with ``keys``, most shared keys first; a key of more than
+        :data:`MAX_KEY_MEMBERS` members is too common to count."""
+        shared: Counter[str] = Counter()
+        # Rows are fetched key by key, at most one over the cap each, and counted here: a
+        # GROUP BY in SQL lets SQLite's planner, lacking statistics, walk the per-id index
+        # over every key of the type instead.
+        for key in dict.fromkeys(k[:96] for k in keys):
+            ids = self.conn.execute(_KEY_MEMBERS, {"rtype": rtype, "key": key}).scalars().all()
+            if len(ids) <= MAX_KEY_MEMBERS:
+                shared.update(str(i) for i in ids)
         ranked = sorted(shared, key=lambda i: (-shared[i], i))[:limit]
         if not ranked:
             return []

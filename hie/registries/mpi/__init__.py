@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from hie.hub.store.port import MAX_KEY_MEMBERS
 from hie.registries.mpi.blocking import blocking_keys, swap_invariant_date
 from hie.registries.mpi.features import (
     PersonFeatures,
@@ -124,7 +125,8 @@ class CandidateIndex:
 
     def candidates(self, keys: Iterable[str], limit: int = 50) -> list[str]:
         """Ids of the people sharing a key with ``keys``: most shared keys first, at most
-        ``limit`` (ties by id, so the answer is deterministic)."""
+        ``limit`` (ties by id, so the answer is deterministic). A key of more than
+        :data:`~hie.hub.store.port.MAX_KEY_MEMBERS` people is too common to count."""
         counts: dict[str, int] = {}
         blocks = self._blocks
         for key in dict.fromkeys(keys):
@@ -133,7 +135,7 @@ class CandidateIndex:
                 continue
             if isinstance(held, str):
                 counts[held] = counts.get(held, 0) + 1
-            else:
+            elif len(held) <= MAX_KEY_MEMBERS:
                 for pid in held:
                     counts[pid] = counts.get(pid, 0) + 1
         if len(counts) <= 1:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from hie.demo import Generator, swap_day_month, transliterate_variant, typo_variant
+from hie.hub.store.port import MAX_KEY_MEMBERS
 from hie.registries.identifiers import SNILS_SYSTEM
 from hie.registries.mpi import (
     CandidateIndex,
@@ -103,6 +104,17 @@ def test_index_add_candidates_and_ranking() -> None:
     assert idx.candidates(["k1"]) == ["a"]
     assert idx.block_size("k3") == 3 and idx.block_size("k1") == 1 and idx.block_size("x") == 0
     assert dict(idx.blocks()) == {"k1": 1, "k2": 2, "k3": 3}
+
+
+def test_a_key_shared_by_too_many_people_is_left_out() -> None:
+    # a clinic's phone entered for each of its patients: it must neither flood the candidate
+    # set nor push out the person who shares a selective key
+    idx = CandidateIndex()
+    for n in range(MAX_KEY_MEMBERS + 1):
+        idx.add(f"p{n:03d}", ["t:9211234567", f"fd:X:{n}"])
+    idx.add("zz", ["fd:IVN:19850307"])
+    assert idx.candidates(["t:9211234567", "fd:IVN:19850307"]) == ["zz"]
+    assert idx.candidates(["t:9211234567", "fd:X:7"]) == ["p007"]
 
 
 def test_index_remove_and_readd() -> None:
