@@ -183,10 +183,14 @@ def config_show() -> None:
 def demo(
     patients: Annotated[int, typer.Option(help="How many synthetic patients.")] = 50,
     per_patient: Annotated[int, typer.Option(help="Resources in each patient's record.")] = 40,
+    documents_per_patient: Annotated[
+        int, typer.Option(help="Each patient gets 2 to this many documents (0: none).")
+    ] = 4,
     seed: Annotated[int, typer.Option(help="Generator seed (same seed, same city).")] = 2026,
     if_empty: Annotated[bool, typer.Option(help="Do nothing if the hub has patients.")] = False,
 ) -> None:
-    """Load a synthetic city: MOs with endpoints, practitioners, patients and their records."""
+    """Load a synthetic city: MOs with endpoints, practitioners, patients with their records
+    and clinical documents (bodies in the blob store, indexed by the outbox worker)."""
     from rich.progress import Progress
 
     from hie.demo.load import load_demo
@@ -201,7 +205,8 @@ def demo(
         typer.echo("demo data already present; skipping", err=True)
         hub.close()
         return
-    svc = FhirService(hub.store, settings)
+    # document bodies go to the blob store, as a clinic's ITI-65 publish does
+    svc = FhirService(hub.store, settings, blobs=lambda: hub.blobs)
     from hie.lab_exchange.alerts import load_builtin_limits
     from hie.registries.patient_index import attach_mpi
     from hie.registries.terminology import load_builtin
@@ -216,6 +221,7 @@ def demo(
             lambda b: svc.transaction(b, settings.public_base + "/fhir"),
             patients=patients,
             resources_per_patient=per_patient,
+            documents_per_patient=documents_per_patient,
             seed=seed,
             progress=lambda n: progress.advance(task, n),
         )

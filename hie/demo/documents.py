@@ -4,7 +4,9 @@ as CDA R2 and as plain text, deterministic by the generator's ``random.Random``.
 
 Sections follow the usual shape of a Russian discharge summary (жалобы, анамнез, объективный
 статус, диагноз по МКБ-10, обследования, лечение, рекомендации); a document grows to the size
-asked for with a daily observation diary, as long inpatient records do. PDFs use Helvetica
+asked for with a daily observation diary, as long inpatient records do. :func:`record_document`
+writes one document of a patient's record instead: its kind, diagnosis, MO and dates given, the
+complaints, drugs and imaging findings fitting that diagnosis (the demo city). PDFs use Helvetica
 re-encoded through ``/Differences`` so Cyrillic is stored as single bytes and read back as
 Unicode, with no embedded font.
 """
@@ -15,9 +17,10 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 from xml.sax.saxutils import escape
 
-from hie.demo.clinical import DIAGNOSES, LOINC, Diagnosis
+from hie.demo.clinical import DIAGNOSES, DRUGS, LOINC, Diagnosis
 
 CDA_TYPE_ID = "2.16.840.1.113883.1.3"
 
@@ -38,6 +41,7 @@ KINDS: tuple[DocumentKind, ...] = (
     DocumentKind("57133-1", "Направление на консультацию", "57133-1", "Направление"),
     DocumentKind("18748-4", "Протокол инструментального исследования", "18748-4", "Диагностика"),
 )
+DISCHARGE_SUMMARY, VISIT_PROTOCOL, REFERRAL, IMAGING_REPORT = KINDS
 
 _COMPLAINTS = (
     "кашель с отделением мокроты",
@@ -115,11 +119,17 @@ class ClinicalDocument:
 
 
 def clinical_document(
-    rng: random.Random, when: datetime, target_bytes: int, kind: DocumentKind | None = None
+    rng: random.Random,
+    when: datetime,
+    target_bytes: int,
+    kind: DocumentKind | None = None,
+    *,
+    diagnosis: Diagnosis | None = None,
 ) -> ClinicalDocument:
-    """A document of about ``target_bytes`` of UTF-8 text (at least the basic sections)."""
+    """A document of about ``target_bytes`` of UTF-8 text (at least the basic sections);
+    ``diagnosis`` defaults to one drawn from ``rng``."""
     kind = kind or rng.choice(KINDS)
-    dx = rng.choice(DIAGNOSES)
+    dx = diagnosis or rng.choice(DIAGNOSES)
     vitals = {"rr": rng.randint(14, 24), "hr": rng.randint(60, 110)}
     vitals |= {"sys": rng.randint(105, 170), "dia": rng.randint(65, 100)}
     complaints = ", ".join(rng.sample(_COMPLAINTS, 3))
@@ -160,6 +170,338 @@ def clinical_document(
         sections.insert(5, ("Дневник наблюдения", tuple(reversed(diary))))
     title = f"{kind.title}: {dx.display}"
     return ClinicalDocument(kind, dx, when, title, tuple(sections))
+
+
+# --- documents of a patient's record (the demo city) -----------------------------------------
+
+_T = TypeVar("_T")
+
+# Complaints by МКБ-10 chapter (the first letter of the code); a check-up has none.
+_COMPLAINTS_BY_CHAPTER: dict[str, tuple[str, ...]] = {
+    "I": (
+        "головную боль в затылочной области",
+        "сердцебиение и перебои в работе сердца",
+        "одышку при умеренной физической нагрузке",
+        "отёки нижних конечностей к вечеру",
+        "давящие боли за грудиной при ходьбе",
+    ),
+    "J": (
+        "кашель с отделением мокроты",
+        "повышение температуры тела до 38,5 °C",
+        "общую слабость и быструю утомляемость",
+        "боль в горле при глотании",
+        "заложенность носа",
+    ),
+    "U": (
+        "повышение температуры тела до 38,5 °C",
+        "сухой кашель",
+        "общую слабость и ломоту в теле",
+        "потерю обоняния",
+    ),
+    "E": (
+        "жажду и учащённое мочеиспускание",
+        "общую слабость и быструю утомляемость",
+        "сухость кожи и зябкость",
+        "прибавку массы тела",
+    ),
+    "K": (
+        "боли в эпигастрии после еды",
+        "изжогу и отрыжку кислым",
+        "тяжесть в правом подреберье после жирной пищи",
+        "тошноту",
+    ),
+    "N": ("боли в поясничной области", "частое болезненное мочеиспускание", "озноб"),
+    "M": (
+        "боли в поясничной области при движении",
+        "боли в коленных суставах при ходьбе",
+        "скованность по утрам",
+    ),
+    "D": (
+        "общую слабость и быструю утомляемость",
+        "головокружение",
+        "одышку при умеренной физической нагрузке",
+    ),
+}
+
+# Instrumental study by diagnosis code (or by the code's first letter): the study, what is
+# seen, the conclusion. The last entry is the study when nothing fits.
+_STUDIES: dict[str, tuple[str, str, str]] = {
+    "J18.9": (
+        "Рентгенография органов грудной клетки в двух проекциях",
+        "В нижней доле правого лёгкого определяется участок инфильтрации лёгочной ткани "
+        "неоднородной структуры. Корни лёгких расширены. Синусы свободны. Сердце не расширено.",
+        "Рентгенологические признаки правосторонней нижнедолевой пневмонии.",
+    ),
+    "U07.1": (
+        "Компьютерная томография органов грудной клетки",
+        "В обоих лёгких субплеврально определяются участки уплотнения по типу «матового "
+        "стекла», объём поражения менее 25 %. Внутригрудные лимфоузлы не увеличены.",
+        "КТ-картина вирусной пневмонии, высокая вероятность COVID-19 (КТ-1).",
+    ),
+    "J": (
+        "Рентгенография органов грудной клетки в прямой проекции",
+        "Лёгочные поля без очаговых и инфильтративных теней. Лёгочный рисунок усилен в "
+        "прикорневых отделах. Корни структурны. Синусы свободны.",
+        "Признаки бронхита. Данных за пневмонию нет.",
+    ),
+    "I48": (
+        "Электрокардиография",
+        "Ритм неправильный, зубцы P отсутствуют, регистрируются волны f. ЧСС {hr} в минуту. "
+        "Электрическая ось сердца отклонена влево.",
+        "Фибрилляция предсердий. Признаки гипертрофии левого желудочка.",
+    ),
+    "I63.9": (
+        "Компьютерная томография головного мозга",
+        "В левой теменной доле определяется зона пониженной плотности без чётких контуров. "
+        "Срединные структуры не смещены. Желудочки не расширены.",
+        "КТ-признаки ишемического инсульта в бассейне левой средней мозговой артерии.",
+    ),
+    "I": (
+        "Эхокардиография",
+        "Полости сердца не расширены. Толщина межжелудочковой перегородки 1,2 см. "
+        "Фракция выброса левого желудочка {ef} %. Клапаны без особенностей.",
+        "Гипертрофия миокарда левого желудочка. Систолическая функция сохранена.",
+    ),
+    "E03.9": (
+        "Ультразвуковое исследование щитовидной железы",
+        "Объём щитовидной железы 9,8 мл. Эхоструктура неоднородная, эхогенность снижена. "
+        "Узловых образований не выявлено.",
+        "Эхопризнаки диффузных изменений щитовидной железы (аутоиммунный тиреоидит?).",
+    ),
+    "K80.2": (
+        "Ультразвуковое исследование органов брюшной полости",
+        "Желчный пузырь обычных размеров, в просвете гиперэхогенные образования до 8 мм с "
+        "акустической тенью. Холедох не расширен. Печень и поджелудочная железа без "
+        "особенностей.",
+        "Эхопризнаки желчнокаменной болезни.",
+    ),
+    "K": (
+        "Эзофагогастродуоденоскопия",
+        "Пищевод свободно проходим, кардия смыкается не полностью. Слизистая желудка "
+        "гиперемирована, отёчна в антральном отделе. Двенадцатиперстная кишка без "
+        "особенностей.",
+        "Эндоскопические признаки поверхностного гастрита. Недостаточность кардии.",
+    ),
+    "E": (
+        "Ультразвуковое исследование органов брюшной полости",
+        "Печень увеличена, правая доля 16,5 см, паренхима диффузно повышенной эхогенности. "
+        "Желчный пузырь без конкрементов. Поджелудочная железа не увеличена.",
+        "Эхопризнаки жирового гепатоза.",
+    ),
+    "N": (
+        "Ультразвуковое исследование почек и мочевого пузыря",
+        "Почки расположены обычно, контуры ровные. Чашечно-лоханочная система не расширена, "
+        "конкрементов нет. Мочевой пузырь без особенностей.",
+        "Эхопризнаков патологии почек и мочевого пузыря не выявлено.",
+    ),
+    "M17.9": (
+        "Рентгенография коленных суставов в двух проекциях",
+        "Суставные щели сужены неравномерно, субхондральный склероз, краевые остеофиты "
+        "мыщелков бедренной и большеберцовой костей.",
+        "Рентгенологические признаки двустороннего гонартроза II стадии.",
+    ),
+    "M": (
+        "Рентгенография поясничного отдела позвоночника",
+        "Высота межпозвонковых дисков L4–L5, L5–S1 снижена. Краевые костные разрастания тел "
+        "позвонков. Физиологический лордоз сглажен.",
+        "Остеохондроз поясничного отдела позвоночника.",
+    ),
+    "D": (
+        "Эзофагогастродуоденоскопия",
+        "Слизистая пищевода, желудка и двенадцатиперстной кишки без видимой патологии. "
+        "Источника кровотечения не выявлено.",
+        "Эндоскопически патологии верхних отделов ЖКТ не выявлено.",
+    ),
+    "child": (
+        "Электрокардиография",
+        "Ритм синусовый, регулярный, ЧСС {hr} в минуту. Электрическая ось сердца нормальная. "
+        "Проводимость не нарушена.",
+        "Вариант возрастной нормы.",
+    ),
+    "": (
+        "Флюорография органов грудной клетки",
+        "Лёгочные поля прозрачны, без очаговых и инфильтративных теней. Корни структурны. "
+        "Синусы свободны. Сердце и аорта без особенностей.",
+        "Патологии органов грудной клетки не выявлено.",
+    ),
+}
+
+_PNEUMONIA = frozenset({"J18.9", "U07.1"})
+
+# The specialist a diagnosis is referred to (by code, then by chapter).
+_SPECIALISTS: dict[str, str] = {
+    "I63.9": "неврологу",
+    "I": "кардиологу",
+    "E": "эндокринологу",
+    "J": "пульмонологу",
+    "U": "пульмонологу",
+    "K80.2": "хирургу",
+    "K": "гастроэнтерологу",
+    "N": "урологу",
+    "M54.5": "неврологу",
+    "M": "травматологу-ортопеду",
+    "D": "гематологу",
+}
+
+
+def _by_code(table: dict[str, _T], code: str, default: _T) -> _T:
+    """The entry for an МКБ-10 code: the code itself, else its chapter letter, else default."""
+    return table.get(code, table.get(code[:1], default))
+
+
+def _drugs(dx: Diagnosis) -> tuple[str, ...]:
+    """The diagnosis' usual drugs as prescribed: name and form, then how to take them."""
+    return tuple(f"{DRUGS[atc][1]}. {DRUGS[atc][2]}." for atc in dx.drugs if atc in DRUGS)
+
+
+def _decimal(value: float) -> str:
+    """One decimal place with a decimal comma, as Russian documents write numbers."""
+    return f"{value:.1f}".replace(".", ",")
+
+
+def _vitals(rng: random.Random) -> dict[str, int]:
+    return {
+        "rr": rng.randint(14, 22),
+        "hr": rng.randint(62, 100),
+        "sys": rng.randint(110, 165),
+        "dia": rng.randint(68, 98),
+        "ef": rng.randint(52, 64),
+    }
+
+
+def record_document(
+    rng: random.Random,
+    kind: DocumentKind,
+    diagnosis: Diagnosis,
+    start: datetime,
+    end: datetime,
+    *,
+    organization: str,
+    patient: str,
+    child: bool = False,
+    referral_to: str = "",
+) -> ClinicalDocument:
+    """One document of a patient's record: ``kind`` (one of :data:`KINDS`) written by
+    ``organization`` about the encounter from ``start`` to ``end`` whose diagnosis is
+    ``diagnosis``. ``patient``: name and date of birth as the heading shows them; ``child``:
+    under 15 (no fluorography); ``referral_to``: the MO a referral sends the patient to.
+
+    The document is dated within the encounter (a discharge summary at discharge, an imaging
+    report during the stay), so it is never later than the encounter's end."""
+    dx = diagnosis
+    checkup = dx.code == "Z00.0"
+    vitals = _vitals(rng)
+    minutes = (end - start) // timedelta(minutes=1)
+    if kind is DISCHARGE_SUMMARY:
+        when = end
+    elif kind is IMAGING_REPORT:
+        when = start + timedelta(minutes=int(minutes * rng.uniform(0.1, 0.5)))
+    else:
+        when = start + timedelta(minutes=int(minutes * rng.uniform(0.6, 1.0)))
+    heading = (
+        f"Медицинская организация: {organization}",
+        f"Пациент: {patient}",
+        f"Дата: {when:%d.%m.%Y %H:%M}",
+    )
+    diagnosis_text = (f"{'Основной: ' if not checkup else ''}{dx.display} ({dx.code}).",)
+    pool = _COMPLAINTS_BY_CHAPTER.get(dx.code[:1], _COMPLAINTS)
+    complaints = ", ".join(rng.sample(pool, min(3, len(pool))))
+    general = _FINDINGS[0] if kind is DISCHARGE_SUMMARY else "Состояние удовлетворительное."
+    lungs = _FINDINGS[6] + " ЧДД {rr} в минуту." if dx.code in _PNEUMONIA else _FINDINGS[2]
+    status = tuple(f.format(**vitals) for f in (general, _FINDINGS[1], lungs, _FINDINGS[3]))
+    advice = [
+        a
+        for a in _ADVICE
+        if ("рентгенография" not in a or dx.code in _PNEUMONIA)
+        and ("давления" not in a or dx.code.startswith("I"))
+        and ("нетрудоспособности" not in a or not (checkup or dx.chronic))
+    ]
+    labs = tuple(
+        f"{name}: {_decimal(rng.uniform(lo, hi))} {unit}"
+        for name, unit, lo, hi in rng.sample(_LABS, 4)
+    )
+    drugs = _drugs(dx) or ("По клиническим рекомендациям, с учётом переносимости.",)
+    sections: list[tuple[str, tuple[str, ...]]] = [("Общие сведения", heading)]
+    if kind is DISCHARGE_SUMMARY:
+        days = max((end.date() - start.date()).days, 1)
+        diary = []
+        for day in range(1, days):
+            t = _decimal(rng.uniform(36.4, 37.8))
+            diary.append(
+                f"{start + timedelta(days=day):%d.%m.%Y}. "
+                + " ".join(d.format(t=t, **vitals) for d in rng.sample(_DIARY, 2))
+            )
+        sections += [
+            (
+                "Период госпитализации",
+                (f"С {start:%d.%m.%Y} по {end:%d.%m.%Y}, {days} койко-дн.",),
+            ),
+            ("Жалобы при поступлении", (f"Предъявлял(а) жалобы на {complaints}.",)),
+            (
+                "Анамнез заболевания",
+                (
+                    f"Ухудшение состояния в течение {rng.randint(2, 10)} дней. Доставлен(а) "
+                    "бригадой скорой медицинской помощи, госпитализирован(а) в экстренном "
+                    "порядке.",
+                ),
+            ),
+            ("Объективный статус при поступлении", status),
+            ("Клинический диагноз", diagnosis_text),
+            ("Лабораторные исследования", labs),
+            ("Дневник наблюдения", tuple(diary)),
+            ("Проведённое лечение", drugs),
+            (
+                "Исход",
+                ("Выписан(а) с улучшением под наблюдение врача поликлиники по месту жительства.",),
+            ),
+            ("Рекомендации", tuple(rng.sample(advice, min(3, len(advice))))),
+        ]
+    elif kind is VISIT_PROTOCOL:
+        if checkup:
+            history = "Обратился(ась) для прохождения профилактического медицинского осмотра."
+        elif dx.chronic:
+            history = (
+                f"Страдает указанным заболеванием {rng.randint(2, 15)} лет, наблюдается в "
+                "поликлинике. Назначенную терапию принимает регулярно."
+            )
+        else:
+            history = f"Заболел(а) {rng.randint(2, 7)} дн. назад, когда появились жалобы."
+        sections += [
+            ("Жалобы", ("Жалоб не предъявляет." if checkup else f"На {complaints}.",)),
+            ("Анамнез", (history,)),
+            ("Объективный статус", status),
+            ("Диагноз", diagnosis_text),
+            ("Назначения", () if checkup else drugs),
+            ("Рекомендации", tuple(rng.sample(advice, min(2, len(advice))))),
+        ]
+    elif kind is REFERRAL:
+        specialist = _by_code(_SPECIALISTS, dx.code, "терапевту")
+        where = f" в {referral_to}" if referral_to else ""
+        sections += [
+            ("Направляется", (f"На консультацию к врачу-{specialist}{where}.",)),
+            ("Диагноз", diagnosis_text),
+            (
+                "Цель направления",
+                ("Уточнение диагноза и коррекция терапии.",)
+                if dx.chronic
+                else ("Уточнение диагноза и определение тактики лечения.",),
+            ),
+            ("Результаты обследования", labs),
+            ("Проводимое лечение", drugs),
+        ]
+    else:  # IMAGING_REPORT
+        study, description, conclusion = (
+            _STUDIES["child"] if child and checkup else _by_code(_STUDIES, dx.code, _STUDIES[""])
+        )
+        sections += [
+            ("Исследование", (study,)),
+            ("Описание", (description.format(**vitals),)),
+            ("Заключение", (conclusion,)),
+        ]
+        title = f"{kind.title}: {study}"
+        return ClinicalDocument(kind, dx, when, title, tuple(sections))
+    title = f"{kind.title}: {dx.display}"
+    return ClinicalDocument(kind, dx, when, title, tuple(s for s in sections if s[1]))
 
 
 # --- formats ---------------------------------------------------------------------------------
@@ -270,11 +612,16 @@ def cda_bytes(doc: ClinicalDocument, *, document_id: str, patient_name: str = ""
 
 
 __all__ = [
+    "DISCHARGE_SUMMARY",
+    "IMAGING_REPORT",
     "KINDS",
     "LOINC",
+    "REFERRAL",
+    "VISIT_PROTOCOL",
     "ClinicalDocument",
     "DocumentKind",
     "cda_bytes",
     "clinical_document",
     "pdf_bytes",
+    "record_document",
 ]

@@ -11,21 +11,27 @@ hub's FHIR models. Patients are returned without ``id`` (the server assigns one)
 :meth:`Generator.patient_record` carry ids and reference each other as ``Type/id``, in an order
 where anything referenced comes first, so :func:`as_transaction` can PUT them.
 
+:meth:`Generator.patient_documents` adds a record's clinical documents (PDF and CDA bodies from
+:mod:`hie.demo.documents`) as IHE MHD submissions, drawn from a stream of their own.
+
 The module also makes the "same person, different record" variants the MPI benchmarks need:
 :func:`typo_variant`, :func:`transliterate_variant` and :func:`swap_day_month`.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import gc
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
-from hie.demo import clinical, identifiers, names
+from hie.demo import clinical, documents, identifiers, names
 from hie.demo.city import (
     DISTRICT_STREETS,
     DISTRICTS,
@@ -72,6 +78,32 @@ _ENCOUNTER_KINDS: tuple[str, ...] = ("visit", "checkup", "home", "emergency", "i
 _ENCOUNTER_WEIGHTS: tuple[float, ...] = (0.62, 0.1, 0.1, 0.1, 0.08)
 
 
+# IHE MHD (ITI-65): the submission set's List type and the identifier system of documents.
+MHD_LIST_TYPES = "https://profiles.ihe.net/ITI/MHD/CodeSystem/MHDlistTypes"
+MHD_SOURCE_ID = "https://profiles.ihe.net/ITI/MHD/StructureDefinition/ihe-sourceId"
+DOCUMENT_IDS = "urn:ietf:rfc:3986"
+_LOINC_SYSTEM = "http://loinc.org"
+
+# The documents an encounter leaves: the first one it always has, then one it may have.
+_ENCOUNTER_DOCUMENTS: dict[str, tuple[documents.DocumentKind, documents.DocumentKind]] = {
+    "inpatient": (documents.DISCHARGE_SUMMARY, documents.IMAGING_REPORT),
+    "emergency": (documents.VISIT_PROTOCOL, documents.IMAGING_REPORT),
+    "visit": (documents.VISIT_PROTOCOL, documents.REFERRAL),
+    "home": (documents.VISIT_PROTOCOL, documents.REFERRAL),
+    "checkup": (documents.VISIT_PROTOCOL, documents.IMAGING_REPORT),
+}
+_MOS_BY_OID: dict[str, MoInfo] = {mo.oid: mo for mo in MOS}
+# Specialties that write a visit protocol, referral or discharge summary when the MO has them.
+_GENERALISTS = frozenset({"therapist", "general-practice", "paediatrics", "therapy"})
+
+
+def _random_uuid(rng: random.Random) -> str:
+    """A version 4 UUID from ``rng`` (what ``str(uuid.UUID(int=bits, version=4))`` gives)."""
+    bits = (rng.getrandbits(128) & _UUID_CLEAR) | _UUID_V4
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def _mo_reference(mo: MoInfo) -> dict[str, Any]:
     """A logical reference to an MO by its ФРМО OID: valid whether or not the city is loaded."""
     return {"identifier": {"system": identifiers.FRMO_SYSTEM, "value": mo.oid}, "display": mo.name}
@@ -91,6 +123,7 @@ class Generator:
     - :meth:`patient_record` — a mixed record of encounters, conditions, observations,
       reports, immunizations, medication requests and allergies.
     - :meth:`observation_bundle`, :meth:`transaction_with_patient` — transaction Bundles.
+    - :meth:`patient_documents` — a record's clinical documents as IHE MHD submissions.
     """
 
     def __init__(self, seed: int, *, reference_date: date = REFERENCE_DATE) -> None:
@@ -117,9 +150,7 @@ class Generator:
         The same string ``str(uuid.UUID(int=bits, version=4))`` gives, built without the
         ``UUID`` object (this is on the hot path of bundle generation).
         """
-        bits = (self.rng.getrandbits(128) & _UUID_CLEAR) | _UUID_V4
-        h = f"{bits:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return _random_uuid(self.rng)
 
     def assign_id(self, resource: dict[str, Any]) -> dict[str, Any]:
         """Give ``resource`` a deterministic id (a UUID from the stream); returns it."""
@@ -504,6 +535,180 @@ class Generator:
             mo=mrn_mo,
         )
         return [patient, *record]
+
+    # --- documents -----------------------------------------------------------------------
+
+    def patient_documents(
+        self, record: Sequence[dict[str, Any]], max_documents: int = 4
+    ) -> list[list[dict[str, Any]]]:
+        """The clinical documents of a record from :meth:`patient_with_record` (its Patient
+        first): 2 to ``max_documents`` of them (fewer when the record has few encounters),
+        each as one IHE MHD submission (ITI-65) — the submission-set List, the
+        DocumentReference and its Binary (``data``: a PDF with a text layer or a CDA R2
+        document, about half each) — with fixed ids, in date order.
+
+        Each document belongs to one of the record's encounters: a hospital stay's discharge
+        summary first, then visit protocols, referrals and imaging reports. It is about the
+        encounter's diagnosis, dated within it, written by its MO (author with one of the
+        MO's doctors, and custodian) and points at it (``context.encounter``). Drawn from a
+        stream of the seed and the patient's id: asking for documents changes nothing else
+        the generator returns, and the same record always gets the same documents."""
+        patient = record[0] if record else {}
+        if patient.get("resourceType") != "Patient" or "id" not in patient:
+            raise ValueError("patient_documents needs a record whose first resource is its Patient")
+        rng = random.Random(f"hie.demo.documents:{self.seed}:{patient['id']}")
+        encounters = [
+            (res, _ENCOUNTER_DOCUMENTS[code])
+            for res in record
+            if res["resourceType"] == "Encounter"
+            and (code := res["type"][0]["coding"][0]["code"]) in _ENCOUNTER_DOCUMENTS
+        ]
+        if not encounters or max_documents < 1:
+            return []
+        n = rng.randint(min(2, max_documents), max_documents)
+        candidates = [(enc, kind) for enc, kinds in encounters for kind in kinds]
+        rng.shuffle(candidates)
+        # every hospital stay leaves a discharge summary; then the kinds least used so far
+        chosen = [c for c in candidates if c[1] is documents.DISCHARGE_SUMMARY][:n]
+        rest = [c for c in candidates if c[1] is not documents.DISCHARGE_SUMMARY]
+        used = Counter(kind for _, kind in chosen)
+        while len(chosen) < n and rest:
+            pick = min(range(len(rest)), key=lambda i: used[rest[i][1]])
+            chosen.append(rest.pop(pick))
+            used[chosen[-1][1]] += 1
+        made = [self._submission(rng, patient, enc, kind) for enc, kind in chosen]
+        made.sort(key=lambda item: item[0])
+        return [sub for _, sub in made]
+
+    @cached_property
+    def _doctors(self) -> dict[str, list[dict[str, Any]]]:
+        """The city's PractitionerRoles by the id of their MO."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for role in self.city().roles:
+            org = role["organization"]["reference"].removeprefix("Organization/")
+            out.setdefault(org, []).append(role)
+        return out
+
+    def _submission(
+        self,
+        rng: random.Random,
+        patient: dict[str, Any],
+        enc: dict[str, Any],
+        kind: documents.DocumentKind,
+    ) -> tuple[datetime, list[dict[str, Any]]]:
+        """One document of ``enc`` as an MHD submission: (its date, [List, DocumentReference,
+        Binary])."""
+        mo = _MOS_BY_OID[enc["serviceProvider"]["identifier"]["value"]]
+        dx = clinical.DIAGNOSES_BY_CODE[enc["reasonCode"][0]["coding"][0]["code"]]
+        start = datetime.fromisoformat(enc["period"]["start"])
+        end = datetime.fromisoformat(enc["period"]["end"])
+        born = date.fromisoformat(patient["birthDate"])
+        name = patient["name"][0]["text"]
+        referral_to = ""
+        if kind is documents.REFERRAL:
+            specialists = [m for m in MOS if m.kind in ("diagnostic-centre", "hospital")]
+            referral_to = rng.choice(specialists).name
+        doc = documents.record_document(
+            rng,
+            kind,
+            dx,
+            start,
+            end,
+            organization=mo.name,
+            patient=f"{name}, {born:%d.%m.%Y} г. р.",
+            child=self._age(born, start.date()) < 15,
+            referral_to=referral_to,
+        )
+        doc_id, list_id, binary_id = _random_uuid(rng), _random_uuid(rng), _random_uuid(rng)
+        if rng.random() < 0.5:
+            content_type, suffix = "application/pdf", "pdf"
+            body = documents.pdf_bytes(doc.text(), title=doc.title)
+        else:
+            content_type, suffix = "application/hl7-cda+xml", "xml"
+            body = documents.cda_bytes(doc, document_id=doc_id, patient_name=name)
+        radiology = kind is documents.IMAGING_REPORT
+        roles = self._doctors.get(mo.id, [])
+        fitting = [
+            r for r in roles if (r["specialty"][0]["coding"][0]["code"] == "radiology") == radiology
+        ]
+        fitting = [
+            r for r in fitting if r["specialty"][0]["coding"][0]["code"] in _GENERALISTS
+        ] or fitting
+        authors: list[dict[str, Any]] = []
+        role = rng.choice(fitting or roles) if roles else None
+        if role is not None:
+            display = f"{role['practitioner']['display']}, {role['specialty'][0]['text'].lower()}"
+            authors.append({"reference": f"PractitionerRole/{role['id']}", "display": display})
+        authors.append({"reference": mo.reference, "display": mo.name})
+        when = clinical.fhir_datetime(doc.date)
+        patient_ref = f"Patient/{patient['id']}"
+        docref: dict[str, Any] = {
+            "resourceType": "DocumentReference",
+            "id": doc_id,
+            "masterIdentifier": {"system": DOCUMENT_IDS, "value": f"urn:uuid:{doc_id}"},
+            "status": "current",
+            "docStatus": "final",
+            "type": {
+                "coding": [{"system": _LOINC_SYSTEM, "code": kind.loinc, "display": kind.title}],
+                "text": kind.title,
+            },
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": _LOINC_SYSTEM,
+                            "code": kind.category,
+                            "display": kind.category_title,
+                        }
+                    ]
+                }
+            ],
+            "subject": {"reference": patient_ref, "display": name},
+            "date": when,
+            "author": authors,
+            "custodian": {"reference": mo.reference, "display": mo.name},
+            "description": doc.title,
+            "content": [
+                {
+                    "attachment": {
+                        "contentType": content_type,
+                        "language": "ru",
+                        "url": f"Binary/{binary_id}",
+                        "title": f"{kind.title}.{suffix}",
+                        "creation": when,
+                    }
+                }
+            ],
+            "context": {
+                "encounter": [{"reference": f"Encounter/{enc['id']}"}],
+                "period": dict(enc["period"]),
+            },
+        }
+        submission: dict[str, Any] = {
+            "resourceType": "List",
+            "id": list_id,
+            "extension": [
+                {"url": MHD_SOURCE_ID, "valueIdentifier": {"value": f"urn:oid:{mo.oid}"}}
+            ],
+            "identifier": [
+                {"use": "usual", "system": DOCUMENT_IDS, "value": f"urn:uuid:{list_id}"}
+            ],
+            "status": "current",
+            "mode": "working",
+            "code": {"coding": [{"system": MHD_LIST_TYPES, "code": "submissionset"}]},
+            "subject": {"reference": patient_ref},
+            "date": when,
+            "entry": [{"item": {"reference": f"DocumentReference/{doc_id}"}}],
+        }
+        if role is not None:
+            submission["source"] = {"reference": f"PractitionerRole/{role['id']}"}
+        binary = {
+            "resourceType": "Binary",
+            "id": binary_id,
+            "contentType": content_type,
+            "data": base64.b64encode(body).decode(),
+        }
+        return doc.date, [submission, docref, binary]
 
 
 def _mo_of_patient(patient: dict[str, Any]) -> MoInfo | None:
