@@ -314,30 +314,34 @@ class TextExtractor:
 
     In processes, extraction runs beside the hub's own threads instead of taking turns with
     them under one interpreter lock, and a body that crashes PDFium or never finishes costs a
-    worker process, not the hub: after ``timeout`` seconds, or when the worker dies, the pool
-    is replaced and the body is tried once more on the new one (another body's crash may have
-    taken its worker down), then reported as not indexable (``extractor-error``).
-    ``fn`` is the extraction function (a module-level function: it crosses to the workers by
-    name)."""
+    worker process, not the hub. At most ``processes`` bodies are in the pool at once, so
+    ``timeout`` measures a body's own extraction, not a wait behind a stuck one; a new pool's
+    workers are started before it takes bodies. After ``timeout`` seconds, or when a worker
+    dies, the pool is replaced and the body is tried once more alone in a process of its own
+    (the body that broke the pool may have been another one in flight beside it), then
+    reported as not indexable (``extractor-error``). ``fn`` is the extraction function (a
+    module-level function: it crosses to the workers by name)."""
+
+    STARTUP_SECONDS = 60.0  # longest wait for a new worker process to import the extractor
 
     def __init__(self, processes: int, *, timeout: float = 120.0, fn: Extract = extract_text):
         self.processes = max(0, processes)
         self.timeout = timeout
         self.fn = fn
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max(1, self.processes))
         self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, data: bytes, content_type: str) -> Extracted:
         if not self.processes:
             return self.fn(data, content_type)
-        pool = self._current()
-        try:
-            return self._run(pool, data, content_type)
-        except (FuturesTimeout, BrokenProcessPool):
-            self._replace(pool)
-        # once more, alone in a process of its own: the body that broke the pool may have been
-        # another one in flight beside this
-        alone = ProcessPoolExecutor(1, mp_context=_pool_context())
+        with self._slots:
+            pool = self._current()
+            try:
+                return self._run(pool, data, content_type)
+            except (FuturesTimeout, BrokenProcessPool):
+                self._replace(pool)
+        alone = self._started(1)
         try:
             return self._run(alone, data, content_type)
         except FuturesTimeout:
@@ -351,10 +355,18 @@ class TextExtractor:
     def _run(self, pool: ProcessPoolExecutor, data: bytes, content_type: str) -> Extracted:
         return pool.submit(self.fn, data, content_type).result(timeout=self.timeout)
 
+    def _started(self, workers: int) -> ProcessPoolExecutor:
+        """A new pool whose workers have imported the extractor (one empty body each)."""
+        pool = ProcessPoolExecutor(workers, mp_context=_pool_context())
+        warm = [pool.submit(self.fn, b"", "text/plain") for _ in range(workers)]
+        for f in warm:
+            f.result(timeout=self.STARTUP_SECONDS)
+        return pool
+
     def _current(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=_pool_context())
+                self._pool = self._started(self.processes)
             return self._pool
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
