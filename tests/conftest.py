@@ -45,6 +45,15 @@ def store(store_url: str) -> Iterator[object]:
 
 
 @pytest.fixture
+def cli_env(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``HIE_*`` variables for the CLI (typer's runner) on a fresh data dir of each backend."""
+    monkeypatch.setenv("HIE_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("HIE_DATABASE_URL", store_url)
+    monkeypatch.setenv("HIE_LOG_LEVEL", "WARNING")
+    return store_url
+
+
+@pytest.fixture
 def settings_for(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Build hub settings in a temporary data dir for a database URL."""
     from hie.hub.settings import load_settings

@@ -158,12 +158,4 @@ def _received(storage: StorageService, kept: RejectedMessage) -> tuple[Received,
             f"активна / the MO that sent message {ident} (Organization/{mo_id or '-'}) is no "
             "longer a registered, active MO; register it again or discard the message"
         )
-    rx = Received(
-        dataset=p10.dataset,
-        transfer_syntax=p10.transfer_syntax,
-        sop_class_uid=p10.sop_class_uid,
-        sop_instance_uid=p10.sop_instance_uid,
-        calling_ae=calling_ae,
-        peer=kept.peer,
-    )
-    return rx, mo
+    return p10.received(calling_ae=calling_ae, peer=kept.peer), mo

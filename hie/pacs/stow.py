@@ -56,6 +56,18 @@ class Part10:
     sop_instance_uid: str
     dataset: bytes
 
+    def received(self, *, calling_ae: str = "", peer: str = "") -> Received:
+        """This file as the storage service takes an instance: the dataset as it is, with the
+        UIDs and transfer syntax its file meta names."""
+        return Received(
+            dataset=self.dataset,
+            transfer_syntax=self.transfer_syntax,
+            sop_class_uid=self.sop_class_uid,
+            sop_instance_uid=self.sop_instance_uid,
+            calling_ae=calling_ae,
+            peer=peer,
+        )
+
 
 def split_part10(raw: bytes) -> Part10:
     """The File Meta Information (group 0002, explicit VR little endian, PS3.10 7.1) and the
@@ -133,13 +145,7 @@ def _store_one(
             return Outcome(
                 p10.sop_class_uid, p10.sop_instance_uid, failure=DATASET_MISMATCH, reason=reason
             )
-    rx = Received(
-        dataset=p10.dataset,
-        transfer_syntax=p10.transfer_syntax,
-        sop_class_uid=p10.sop_class_uid,
-        sop_instance_uid=p10.sop_instance_uid,
-        peer=peer,
-    )
+    rx = p10.received(peer=peer)
     try:
         done = storage.store(rx, mo)
     except DicomRefused as err:

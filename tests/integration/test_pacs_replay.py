@@ -12,7 +12,6 @@ storage service as a modality's C-STORE hands them over (the network is tested i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -426,14 +425,6 @@ def test_admin_replay_of_a_dicom_instance(client: Any) -> None:
 
 
 # --- hie messages replay ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cli_env(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("HIE_DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("HIE_DATABASE_URL", store_url)
-    monkeypatch.setenv("HIE_LOG_LEVEL", "WARNING")
-    return store_url
 
 
 def test_cli_replays_dicom_and_hl7_messages_oldest_first(cli_env: str) -> None:

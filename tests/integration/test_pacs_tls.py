@@ -22,9 +22,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from hie.adapters.dicom import DicomListener, start_dicom
-from hie.fhir.service import FhirService
-from hie.hub.runtime import Hub, open_hub
+from hie.adapters.dicom import DicomListener
+from hie.hub.runtime import Hub
 from hie.hub.settings import load_settings
 from hie.pacs.index import DicomIndex
 from hie.registries.facility import CERTIFICATE_SYSTEM
@@ -32,7 +31,6 @@ from tests.fixtures.dicom import (
     AE_A,
     MO_A,
     MO_B,
-    as_transaction,
     ct_instance,
     dcmtk,
     dicom_endpoint,
@@ -40,7 +38,7 @@ from tests.fixtures.dicom import (
     free_port,
     write_file,
 )
-from tests.fixtures.dicom_qr import STUDY_ROOT_MOVE, received, storescp
+from tests.fixtures.dicom_qr import STUDY_ROOT_MOVE, listening, received, storescp
 from tests.fixtures.tls import Pki, make_pki
 
 pytestmark = pytest.mark.skipif(dcmtk("storescu") is None, reason="dcmtk is not installed")
@@ -57,10 +55,15 @@ class TlsHub:
     ws_port: int
 
     def dcmtk(
-        self, tool: str, *args: str, calling: str = AE_A, tls: tuple[str, ...] | None = None
+        self,
+        tool: str,
+        *args: str,
+        calling: str = AE_A,
+        tls: tuple[str, ...] | None = None,
+        port: int | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run an dcmtk SCU against the TLS port; ``tls``: its TLS options (default: the
-        registered client certificate, trusting the test CA)."""
+        """Run a dcmtk SCU against the TLS port (or ``port``); ``tls``: its TLS options
+        (default: the registered client certificate, trusting the test CA)."""
         if tls is None:
             tls = (
                 "+tls",
@@ -78,7 +81,7 @@ class TlsHub:
                 "-aec",
                 "HUB",
                 "127.0.0.1",
-                str(self.listener.tls_port),
+                str(port or self.listener.tls_port),
                 *args,
             ],
             capture_output=True,
@@ -119,18 +122,8 @@ def tls_hub(tmp_path: Path, certificate_of: str) -> Iterator[TlsHub]:
         dicom_timeout_seconds=3.0,
         mllp_port=0,
     )
-    hub = open_hub(settings)
-    hub.store.migrate()
-    FhirService(hub.store, settings).transaction(
-        as_transaction(registry(pki, certificate_of, ws_port)), ""
-    )
-    listener = start_dicom(hub)
-    assert listener is not None
-    try:
+    with listening(settings, registry(pki, certificate_of, ws_port)) as (hub, listener):
         yield TlsHub(hub, listener, pki, ws_port)
-    finally:
-        listener.stop()
-        hub.close()
 
 
 @pytest.fixture
@@ -159,21 +152,7 @@ def test_a_modality_with_its_mos_certificate_echoes_and_stores_from_any_address(
 def test_without_tls_the_same_modality_from_this_address_is_not_recognised(
     running: TlsHub,
 ) -> None:
-    plain = subprocess.run(
-        [
-            dcmtk("echoscu") or "",
-            "-aet",
-            AE_A,
-            "-aec",
-            "HUB",
-            "127.0.0.1",
-            str(running.listener.port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=DCMTK_ENV,
-    )
+    plain = running.dcmtk("echoscu", tls=(), port=running.listener.port)
     assert plain.returncode != 0
     assert "calling ae title not recogni" in (plain.stderr + plain.stdout).lower()
 

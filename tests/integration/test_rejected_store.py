@@ -199,14 +199,6 @@ def test_kept_messages_survive_reopening_and_concurrent_keeps(store_url: str) ->
 # --- hie messages --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli_env(store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("HIE_DATA_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("HIE_DATABASE_URL", store_url)
-    monkeypatch.setenv("HIE_LOG_LEVEL", "WARNING")
-    return store_url
-
-
 def test_messages_list_and_show(cli_env: str) -> None:
     res = runner.invoke(app, ["messages", "list"])
     assert res.exit_code == 0 and "no kept messages" in res.output
