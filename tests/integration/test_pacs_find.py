@@ -322,3 +322,17 @@ def test_patient_root_find_model_over_pynetdicom(h: QrHub) -> None:
     rsps = cfind(h, query("PATIENT", PatientID="4*", PatientName=""), PATIENT_ROOT_FIND)
     assert [s.Status for s, _ in rsps] == [0xFF00, 0x0000]
     assert rsps[0][1].PatientID == "41" and rsps[0][1].QueryRetrieveLevel == "PATIENT"
+
+
+def test_no_identifier_is_formatted_for_pynetdicom_logs(
+    h: QrHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pynetdicom formats every request and response identifier (patient data) for its debug
+    # log whatever the level; the hub turns that off
+    def formatted(*_: Any) -> Any:
+        raise AssertionError("an identifier was formatted for a log")
+
+    monkeypatch.setattr("pynetdicom.service_class.pretty_dataset", formatted)
+    h.store(ct_instance(patient_id="42"))
+    rsps = cfind(h, query("STUDY", PatientID="42", StudyInstanceUID=""))
+    assert [s.Status for s, _ in rsps] == [0xFF00, 0x0000]
