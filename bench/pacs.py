@@ -160,22 +160,24 @@ def run_hub(work: Path, data: Path) -> tuple[float, int]:
     return took, stored
 
 
+def send_to(command: list[str], port: int, ae_title: str, data: Path, wait: float = 30.0) -> float:
+    """Start a receiver (``command``, listening on ``port`` within ``wait`` seconds), send it
+    the study set with ``storescu``, stop it; the seconds the sending took."""
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc, wait)
+        return storescu(port, ae_title, data)
+    finally:
+        proc.terminate()
+        proc.wait(wait)
+
+
 def run_storescp(work: Path, data: Path) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen(
-        [dcmtk("storescp") or "storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, proc)
-        return storescu(port, "STORESCP", data)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    exe = dcmtk("storescp") or "storescp"
+    return send_to([exe, "-aet", "STORESCP", "-od", str(out), str(port)], port, "STORESCP", data)
 
 
 def run_orthanc(work: Path, data: Path) -> float | None:
@@ -197,15 +199,7 @@ def run_orthanc(work: Path, data: Path) -> float | None:
             }
         )
     )
-    proc = subprocess.Popen(
-        [exe, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV
-    )
-    try:
-        wait_port(port, proc, 60)
-        return storescu(port, "ORTHANC", data)
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    return send_to([exe, str(conf)], port, "ORTHANC", data, wait=60)
 
 
 def serve_do_nothing(port: int, mode: str, blob_dir: str | None = None) -> None:
@@ -244,18 +238,8 @@ def serve_do_nothing(port: int, mode: str, blob_dir: str | None = None) -> None:
 def run_do_nothing(data: Path, mode: str) -> float:
     port = free_port()
     blob_dir = data.parent / f"blobs-{mode}"
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--do-nothing-scp", mode, str(port), str(blob_dir)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port, proc)
-        return storescu(port, "NOTHING", data)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    command = [sys.executable, __file__, "--do-nothing-scp", mode, str(port), str(blob_dir)]
+    return send_to(command, port, "NOTHING", data)
 
 
 # --- C-FIND ----------------------------------------------------------------------------------
