@@ -725,27 +725,37 @@ class SqlWriteTx:
         out: dict[tuple[str, str], list[str]] = {t: [] for t in tokens}
         if not tokens:
             return out
-        # aliased: a condition's own probe of idx_token (a negated tag) must not correlate to it
-        t = s.idx_token.alias("tk")
-        compiler = _Compiler(self.store.dialect, resource_type)
         wanted = [(_clip(sys) or "", _clip(code) or "") for sys, code in tokens]
         back = dict(zip(wanted, tokens, strict=True))
-        stmt = (
-            select(t.c.system, t.c.code, R.c.id)
-            .select_from(t.join(R, R.c.rid == t.c.rid))
-            .where(
-                t.c.pid == param_id(resource_type, param),
-                t.c.code.in_(sorted({c for _, c in wanted})),
-                R.c.rtype == resource_type,
-                R.c.deleted == false(),
-                *(compiler.cond(c, R, resource_type) for c in conds),
-            )
-        )
-        for row in self.conn.execute(stmt):
+        stmt = _ids_by_token_stmt(self.store.dialect, resource_type, param, tuple(conds))
+        codes = sorted({c for _, c in wanted})
+        for row in self.conn.execute(stmt, {"codes": codes}):
             key = back.get((row.system or "", row.code))
             if key is not None and row.id not in out[key]:
                 out[key].append(row.id)
         return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _ids_by_token_stmt(
+    dialect: str, resource_type: str, param: str, conds: tuple[Condition, ...]
+) -> Any:
+    """The statement of :meth:`SqlWriteTx.ids_by_token`, built once per type, parameter and
+    conditions (an MO's grant recurs in every message it sends); the codes are bound."""
+    # aliased: a condition's own probe of idx_token (a negated tag) must not correlate to it
+    t = s.idx_token.alias("tk")
+    compiler = _Compiler(dialect, resource_type)
+    return (
+        select(t.c.system, t.c.code, R.c.id)
+        .select_from(t.join(R, R.c.rid == t.c.rid))
+        .where(
+            t.c.pid == param_id(resource_type, param),
+            t.c.code.in_(bindparam("codes", expanding=True)),
+            R.c.rtype == resource_type,
+            R.c.deleted == false(),
+            *(compiler.cond(c, R, resource_type) for c in conds),
+        )
+    )
 
 
 # Statements of the per-write hot path, built once: building and hashing a statement per
