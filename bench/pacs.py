@@ -137,6 +137,13 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 30.0) 
     raise RuntimeError("the server did not listen")
 
 
+def dicom_hub(work: Path, database_url: str, port: int) -> Any:
+    """A real ``hie serve`` on ``work/hub`` with its DICOM listener on ``port`` (one HTTP
+    worker, no MLLP)."""
+    env = {"HIE_DICOM_PORT": str(port), "HIE_HTTP_WORKERS": "1", "HIE_MLLP_PORT": "0"}
+    return hub_server(work / "hub", database_url, **env)
+
+
 def run_hub(work: Path, data: Path) -> tuple[float, int]:
     settings = load_settings(data_dir=work / "hub")
     hub = open_hub(settings)
@@ -144,13 +151,7 @@ def run_hub(work: Path, data: Path) -> tuple[float, int]:
     FhirService(hub.store, settings).transaction(as_transaction(dicom_registry()), "")
     hub.close()
     port = free_port()
-    with hub_server(
-        work / "hub",
-        settings.database_url,
-        HIE_DICOM_PORT=str(port),
-        HIE_HTTP_WORKERS="1",
-        HIE_MLLP_PORT="0",
-    ):
+    with dicom_hub(work, settings.database_url, port):
         took = storescu(port, "HUB", data)
     hub = open_hub(settings)
     try:
@@ -409,13 +410,7 @@ def run_find(studies: int) -> None:
         work = Path(tmp)
         settings, queries = build_index(work, studies)
         port = free_port()
-        with hub_server(
-            work / "hub",
-            settings.database_url,
-            HIE_DICOM_PORT=str(port),
-            HIE_HTTP_WORKERS="1",
-            HIE_MLLP_PORT="0",
-        ):
+        with dicom_hub(work, settings.database_url, port):
             times = time_finds(port, queries)
     print(f"\nC-FIND, study level, {studies:,} studies, as one MO (access policy in the SQL)")
     print(f"(pynetdicom client polling every {CLIENT_POLL * 1000:g} ms; BENCH_CLIENT_POLL)")

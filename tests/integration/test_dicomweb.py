@@ -5,7 +5,6 @@ policy (issue #5) on every route — on SQLite, and on PostgreSQL for the query 
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
@@ -33,6 +32,7 @@ from tests.fixtures.dicomweb import (
     with_snils,
 )
 from tests.fixtures.hl7v2 import snils
+from tests.fixtures.http import post_chunked_until_answered
 from tests.fixtures.records import GOLDEN, encounter
 
 DJ = "application/dicom+json"
@@ -227,31 +227,6 @@ def test_stow_is_audited_as_a_store_about_the_patient(web: Any) -> None:
     assert stores and stores[0].action == "C" and stores[0].org == MO_A
 
 
-def _send_chunked(port: int, token: str, ctype: str, chunk: bytes, total: int) -> tuple[int, int]:
-    """Stream a chunked body until the server answers; returns (status, bytes sent)."""
-    import select
-
-    sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = (
-            "POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: {token}\r\nContent-Type: {ctype}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n"
-        )
-        sock.sendall(head.encode())
-        framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-        while sent < total:
-            if select.select([sock], [], [], 0)[0]:
-                break
-            try:
-                sock.sendall(framed)
-            except OSError:
-                break
-            sent += len(chunk)
-        answer = sock.recv(65536)
-    return int(answer.split(b" ", 2)[1]), sent
-
-
 def test_stow_over_the_limit_is_refused_while_streaming_and_nothing_is_stored(
     settings_for: Any,
 ) -> None:
@@ -265,7 +240,11 @@ def test_stow_over_the_limit_is_refused_while_streaming_and_nothing_is_stored(
     with served(hubs.app) as base:
         port = int(base.rsplit(":", 1)[1])
         token = hubs.mis()["Authorization"]
-        status, sent = _send_chunked(port, token, ctype, opening + b"\0" * (256 << 10), 1 << 30)
+        headers = {"Authorization": token, "Content-Type": ctype}
+        chunk = opening + b"\0" * (256 << 10)
+        status, sent = post_chunked_until_answered(
+            port, "/dicomweb/studies", headers, chunk, 1 << 30
+        )
         assert status == 413
         assert sent < 64 << 20  # answered near the limit, long before 1 GB was sent
         body, ctype2 = stow_body([good, b"\0" * (2 << 20)])

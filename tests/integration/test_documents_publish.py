@@ -13,6 +13,7 @@ import pytest
 
 from tests.fixtures.auth import bearer
 from tests.fixtures.documents import make_cda, make_pdf, submission_set
+from tests.fixtures.http import post_chunked_until_answered
 from tests.fixtures.labs import GP, GP_PATIENTS, LAB, as_transaction, lab_registry
 from tests.fixtures.records import FJ, encounter, golden_id
 
@@ -366,28 +367,9 @@ def test_replace_pointing_at_another_patients_document(mhd: Any) -> None:
 def upload_until_answered(port: int, authorization: str) -> tuple[int, int]:
     """POST a 2 GB chunked PDF to /fhir/Binary over a raw socket, reading the answer as soon as
     the hub gives one; returns (status, bytes sent by then)."""
-    import select
-    import socket
-
     chunk = b"%PDF-1.7\n" + b"0" * (64 * 1024 - 9)
-    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-    head = (
-        "POST /fhir/Binary HTTP/1.1\r\nHost: hub.test\r\nContent-Type: application/pdf\r\n"
-        f"Authorization: {authorization}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    )
-    sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(head.encode())
-        for _ in range(32 * 1024):  # 2 GB
-            if select.select([sock], [], [], 0)[0]:
-                break
-            try:
-                sock.sendall(framed)
-            except OSError:
-                break
-            sent += len(chunk)
-        answer = sock.recv(65536)
-    return int(answer.split(b" ", 2)[1]), sent
+    headers = {"Content-Type": "application/pdf", "Authorization": authorization}
+    return post_chunked_until_answered(port, "/fhir/Binary", headers, chunk, 2 << 30)
 
 
 def test_body_over_the_limit_is_refused_while_streaming(client: Any, settings_for: Any) -> None:

@@ -11,30 +11,19 @@ import pytest
 from hie.adapters.hl7_listener import Hl7Listener
 from hie.adapters.hl7v2 import parse
 from hie.fhir import model
-from hie.fhir.service import FhirService, content_json
+from hie.fhir.service import content_json
 from hie.hub.auth import acting_as
-from hie.hub.rejected import open_rejected_store
 from hie.hub.store.port import Query, ReferenceCond
 from hie.lab_exchange.service import message_id
-from hie.registries.patient_index import attach_mpi
 from tests.fixtures.hl7v2 import orm_message, oru_message
-from tests.fixtures.labs import GP, GP_PATIENTS, LAB, as_transaction, lab_registry
+from tests.fixtures.labs import GP, GP_PATIENTS, LAB, lab_listener
 
 
 @pytest.fixture
 def listener(store: Any, store_url: str, settings_for: Any) -> Any:
     settings = settings_for(store_url)
-    svc = FhirService(store, settings)
-    mpi = attach_mpi(svc)
-    assert mpi is not None
-    svc.transaction(as_transaction(lab_registry()), "")
-    rejected = open_rejected_store(settings.database_url)
-    rejected.migrate()
-    out = Hl7Listener(svc, mpi, rejected, workers=1)
-    out.senders.resolve_hosts = False
-    yield out
-    out.close()
-    rejected.close()
+    with lab_listener(store, settings) as out:
+        yield out
 
 
 def msa(ack: bytes) -> list[str]:

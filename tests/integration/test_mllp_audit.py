@@ -10,12 +10,9 @@ import pytest
 
 from hie.adapters.hl7_listener import Hl7Listener
 from hie.adapters.mllp import Peer
-from hie.fhir.service import FhirService
 from hie.hub.audit import AuditRecord, open_audit_log
-from hie.hub.rejected import open_rejected_store
-from hie.registries.patient_index import attach_mpi
 from tests.fixtures.hl7v2 import oru_message
-from tests.fixtures.labs import LAB, as_transaction, lab_registry
+from tests.fixtures.labs import LAB, lab_listener
 
 
 @pytest.fixture
@@ -23,17 +20,8 @@ def listener(store: Any, store_url: str, settings_for: Any) -> Iterator[Hl7Liste
     settings = settings_for(store_url)
     trail = open_audit_log(settings.database_url)
     trail.migrate()
-    svc = FhirService(store, settings, trail=trail)
-    mpi = attach_mpi(svc)
-    assert mpi is not None
-    svc.transaction(as_transaction(lab_registry()), "")
-    rejected = open_rejected_store(settings.database_url)
-    rejected.migrate()
-    out = Hl7Listener(svc, mpi, rejected, workers=1)
-    out.senders.resolve_hosts = False
-    yield out
-    out.close()
-    rejected.close()
+    with lab_listener(store, settings, trail) as out:
+        yield out
     trail.close()
 
 
