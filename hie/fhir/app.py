@@ -253,10 +253,7 @@ class AuditTrail:
                 if status >= 400 or not _unaudited(scope["path"]):
                     rec = _audit_record(scope, note, status)
                     try:
-                        if self.trail.inline:
-                            self.trail.append_many([rec])
-                        else:
-                            await self.trail.append_async(rec)
+                        await self.trail.append_async(rec)
                     except HieError as exc:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)

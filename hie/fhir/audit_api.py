@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from hie.fhir.api import fhir_response, query_items
 from hie.fhir.dates import format_instant, require_range
 from hie.fhir.service import FhirService, new_id
-from hie.hub.audit import AuditRecord, SqlAuditLog, note_access
+from hie.hub.audit import PAGE_SUBTYPES, AuditRecord, SqlAuditLog, note_access
 from hie.hub.auth import Forbidden, current_principal
 from hie.hub.errors import InvalidRequest, NotFound
 from hie.hub.settings import Settings
@@ -93,7 +93,7 @@ def audit_event(rec: AuditRecord, base: str) -> Json:
         for p in rec.patients
     ]
     entities += [{"what": {"reference": e}} for e in rec.entities if not e.startswith("Patient/")]
-    if rec.subtype in ("search", "history", "everything"):
+    if rec.subtype in PAGE_SUBTYPES:
         entities.append(
             {
                 "type": {

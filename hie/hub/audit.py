@@ -11,11 +11,21 @@ Storage (:class:`SqlAuditLog`):
 - SQLite: its own database file (``audit.db`` beside the resource store), WAL with
   ``synchronous=NORMAL`` — a record is committed before the response, survives the hub's
   process being killed, and never waits behind a long data transaction for the write lock.
-  The HTTP layer appends through the driver on its event loop (~60 µs a record; HTTP worker
-  processes hand the write lock over through an ``flock``);
+  The HTTP layer appends through the driver on its event loop when the write lock is free
+  (~35 µs a record), else through the writer thread below; HTTP worker processes hand the
+  write lock over through an ``flock``;
 - PostgreSQL: tables in the hub's database, each batch committed with
   ``synchronous_commit=off`` for the same reason, by a writer thread that commits whatever
   requests queued meanwhile together (:meth:`SqlAuditLog.append_async`).
+
+What each record is about (``audit_ref``: one row per patient concerned and, except for a
+search's page of results, per resource named; what ``AuditEvent?patient=`` and ``?entity=``
+look up) is derived from the records and written
+**after** them, in batches (:meth:`SqlAuditLog.index_refs`): by a thread of each process that
+appends, at least every :data:`INDEX_SECONDS`, and by every reader before it looks, so a
+reader always sees every record committed before its query. A request's own commit is then
+one row at the end of one table; writing its ten-odd index rows at random places in the
+index, one commit each, cost five times as much.
 
 Tamper evidence: each record's ``hash`` is SHA-256 over the previous record's hash and the
 record's canonical JSON, so changing, removing or reordering any record breaks every later
@@ -67,6 +77,11 @@ log = get_logger("hie.audit")
 
 GENESIS = "0" * 64
 BATCH = 500  # records per group commit at most
+INDEX_BATCH = 50  # records per audit_ref commit (the write lock is held meanwhile)
+INDEX_SECONDS = 0.5  # how long a record may wait for its audit_ref rows (readers never wait)
+# Records of a page of results: found by the patients behind it (IHE BALP's Query pattern
+# names the query and the patient, not each result); the page stays in the record.
+PAGE_SUBTYPES = frozenset({"search", "history", "everything"})
 MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
 
 meta = MetaData()
@@ -88,6 +103,13 @@ audit_ref = Table(
     Column("seq", BigInteger, nullable=False),
 )
 Index("ix_audit_ref", audit_ref.c.ref, audit_ref.c.seq)
+# the last seq whose audit_ref rows are written (one row, id 1); derived data, not the trail
+audit_ref_position = Table(
+    "audit_ref_position",
+    meta,
+    Column("id", Integer, primary_key=True),
+    Column("seq", BigInteger, nullable=False),
+)
 # how far each export target (a syslog/ATNA collector, :mod:`hie.hub.audit_export`) has been
 # sent: the last seq it took. Not part of the trail, so not append-only (a send moves it on)
 audit_export = Table(
@@ -100,7 +122,6 @@ audit_export = Table(
 # built once: the writer runs them for every batch
 _LAST = select(audit_log.c.seq, audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
 _INSERT_LOG = insert(audit_log)
-_INSERT_REF = insert(audit_ref)
 
 _TRIGGERS = {
     "sqlite": [
@@ -331,23 +352,36 @@ class SqlAuditLog:
         self._queue: list[tuple[AuditRecord, _Waiter]] = []
         self._cond = threading.Condition()
         self._writer: threading.Thread | None = None
+        self._indexer: threading.Thread | None = None
+        self._appended = threading.Event()  # a record waits for its audit_ref rows
+        self._stopping = threading.Event()
         self._closed = False
         self._raw: sqlite3.Connection | None = None
 
     def migrate(self) -> None:
-        """Create the tables and the append-only triggers (idempotent)."""
+        """Create the tables and the append-only triggers (idempotent). A trail from before
+        deferred references has them for every record up to its last one with any."""
         with self.engine.begin() as conn:
             meta.create_all(conn, checkfirst=True)
             for ddl in _TRIGGERS[self.dialect]:
                 conn.exec_driver_sql(ddl)
+            ins: Any = (sqlite_insert if self.dialect == "sqlite" else pg_insert)(
+                audit_ref_position
+            )
+            done = select(func.coalesce(func.max(audit_ref.c.seq), 0)).scalar_subquery()
+            conn.execute(ins.values(id=1, seq=done).on_conflict_do_nothing())
 
     def close(self) -> None:
-        """Finish queued appends and release connections."""
+        """Finish queued appends and their references, and release connections."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         if self._writer is not None:
             self._writer.join(timeout=30)
+        self._stopping.set()
+        self._appended.set()
+        if self._indexer is not None:
+            self._indexer.join(timeout=30)
         with self._lock:
             if self._raw is not None:
                 self._raw.close()
@@ -374,7 +408,11 @@ class SqlAuditLog:
         return rec
 
     async def append_async(self, rec: AuditRecord) -> AuditRecord:
-        """:meth:`append` for a coroutine: waits on its own event loop, not a thread."""
+        """:meth:`append` for a coroutine: waits on its own event loop, not a thread. On
+        SQLite, when no one holds the write lock, the record is appended at once on the
+        loop (a few tens of microseconds, less than handing it to the writer thread)."""
+        if self._append_now(rec):
+            return rec
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._enqueue(rec, _Waiter(loop, future))
@@ -425,28 +463,63 @@ class SqlAuditLog:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX)
             try:
                 if self.dialect == "sqlite":
-                    try:
-                        self._append_sqlite(recs, now)
-                    except sqlite3.Error as exc:
-                        log.error("audit.append.failed", error=str(exc)[:300])
-                        raise StorageError("the audit trail is unavailable") from exc
-                    return
-                with self.engine.begin() as conn:
-                    # PostgreSQL: no wait for the WAL flush, one appender at a time (the chain)
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
-                    last = conn.execute(_LAST).first()
-                    rows, refs = _chain(recs, tuple(last) if last else None, now)
-                    conn.execute(_INSERT_LOG, [dict(zip(_LOG_COLS, r, strict=True)) for r in rows])
-                    if refs:
-                        conn.execute(_INSERT_REF, [{"ref": r, "seq": q} for r, q in refs])
+                    self._append_sqlite(recs, now)
+                else:
+                    self._append_pg(recs, now)
+            except sqlite3.Error as exc:
+                log.error("audit.append.failed", error=str(exc)[:300])
+                raise StorageError("the audit trail is unavailable") from exc
             finally:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._index_later()
+
+    def _append_now(self, rec: AuditRecord) -> bool:
+        """Append ``rec`` on SQLite if the write lock is free this instant; False if it is
+        not (another request's append or the reference indexer holds it: wait in line)."""
+        if self._lock_file is None or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                self._append_sqlite([rec], int(time.time() * 1_000_000))
+            except sqlite3.Error as exc:
+                log.error("audit.append.failed", error=str(exc)[:300])
+                raise StorageError("the audit trail is unavailable") from exc
+            finally:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+        self._index_later()
+        return True
+
+    def _append_pg(self, recs: Sequence[AuditRecord], now: int) -> None:
+        with self.engine.begin() as conn:
+            # PostgreSQL: no wait for the WAL flush, one appender at a time (the chain)
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
+            last = conn.execute(_LAST).first()
+            rows = _chain(recs, tuple(last) if last else None, now)
+            conn.execute(_INSERT_LOG, [dict(zip(_LOG_COLS, r, strict=True)) for r in rows])
 
     def _append_sqlite(self, recs: Sequence[AuditRecord], now: int) -> None:
         """The same on SQLite through the driver directly (caller holds the locks): an
         append is then a few tens of microseconds, cheap enough to run before each answer."""
+        with self._sqlite() as cur:
+            last = cur.execute(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            cur.executemany(
+                "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
+                _chain(recs, last, now),
+            )
+
+    @contextmanager
+    def _sqlite(self) -> Iterator[sqlite3.Cursor]:
+        """A write transaction on the driver's connection (caller holds the locks)."""
         if self._raw is None:
             raw = sqlite3.connect(
                 self.url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
@@ -461,16 +534,7 @@ class SqlAuditLog:
         cur = self._raw.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
-            last = cur.execute(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            rows, refs = _chain(recs, last, now)
-            cur.executemany(
-                "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
-                rows,
-            )
-            if refs:
-                cur.executemany("INSERT INTO audit_ref (ref, seq) VALUES (?, ?)", refs)
+            yield cur
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
@@ -478,11 +542,59 @@ class SqlAuditLog:
         finally:
             cur.close()
 
-    @property
-    def inline(self) -> bool:
-        """Whether an append is cheap enough to make on the event loop (SQLite: no network
-        round trip) rather than through the writer thread."""
-        return self.dialect == "sqlite"
+    # --- what records are about (audit_ref), written after them ------------------------------
+
+    def _index_later(self) -> None:
+        """Wake (or start) this process's indexer: a record now waits for its references."""
+        self._appended.set()
+        if self._indexer is None:
+            with self._cond:
+                if self._indexer is None and not self._closed:
+                    self._indexer = threading.Thread(
+                        target=self._index_loop, name="hie-audit-refs", daemon=True
+                    )
+                    self._indexer.start()
+
+    def _index_loop(self) -> None:
+        while True:
+            self._appended.wait()
+            self._appended.clear()
+            stopping = self._stopping.is_set()
+            try:
+                self.index_refs()
+            except Exception as exc:  # noqa: BLE001 - readers index for themselves meanwhile
+                log.warning("audit.refs.failed", error=str(exc)[:300])
+            if stopping:
+                return
+            self._stopping.wait(INDEX_SECONDS)  # close() wakes it for one last pass
+
+    def index_refs(self) -> int:
+        """Write the audit_ref rows of every record that has none yet, :data:`INDEX_BATCH`
+        records per commit; how many records it indexed. Any process may run it at any
+        time: the position row says where the last run stopped, under the write lock."""
+        total = 0
+        while True:
+            done = self._index_batch()
+            total += done
+            if done < INDEX_BATCH:
+                return total
+
+    def _index_batch(self) -> int:
+        with self._lock:
+            if self._lock_file is not None:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                if self.dialect == "sqlite":
+                    with self._sqlite() as cur:
+                        return _index_refs_on(cur, "?")
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300115)")
+                    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                    return _index_refs_on(cur, "%s")
+            finally:
+                if self._lock_file is not None:
+                    fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def records(
         self,
@@ -499,6 +611,7 @@ class SqlAuditLog:
         on the record's subtype (read here, not in SQL: the body is the record)."""
         stmt = select(audit_log.c.seq, audit_log.c.body)
         if refs is not None:
+            self.index_refs()  # every record committed so far is found
             about = select(audit_ref.c.seq).where(audit_ref.c.ref.in_(list(refs)))
             stmt = stmt.where(audit_log.c.seq.in_(about))
         if since is not None:
@@ -623,12 +736,11 @@ _LOG_COLS = ("seq", "recorded", "body", "prev_hash", "hash")
 
 def _chain(
     recs: Sequence[AuditRecord], last: tuple[int, str] | None, now: int
-) -> tuple[list[tuple[int, int, bytes, str, str]], list[tuple[str, int]]]:
+) -> list[tuple[int, int, bytes, str, str]]:
     """Number and link ``recs`` after ``last`` (seq, hash): the audit_log rows (in
-    ``_LOG_COLS`` order) and the audit_ref rows."""
+    ``_LOG_COLS`` order)."""
     seq, prev = last if last else (0, GENESIS)
     rows: list[tuple[int, int, bytes, str, str]] = []
-    refs: list[tuple[str, int]] = []
     for rec in recs:
         seq += 1
         rec.seq, rec.recorded = seq, rec.recorded or now
@@ -636,9 +748,37 @@ def _chain(
         digest = chain_hash(prev, body)
         rows.append((seq, rec.recorded, body, prev, digest))
         prev = digest
-        about = dict.fromkeys([*(f"Patient/{p}" for p in rec.patients), *rec.entities])
-        refs += [(r[:160], seq) for r in about]
-    return rows, refs
+    return rows
+
+
+def _index_refs_on(cur: Any, mark: str) -> int:
+    """One batch of :meth:`SqlAuditLog.index_refs` on a DB-API cursor inside a write
+    transaction (``mark``: the driver's parameter marker); how many records it indexed."""
+    cur.execute("SELECT seq FROM audit_ref_position WHERE id = 1")
+    row = cur.fetchone()
+    done = int(row[0]) if row else 0
+    cur.execute(
+        f"SELECT seq, body FROM audit_log WHERE seq > {mark} ORDER BY seq LIMIT {INDEX_BATCH}",
+        (done,),
+    )
+    found = cur.fetchall()
+    if not found:
+        return 0
+    refs: list[tuple[str, int]] = []
+    for seq, body in found:
+        rec = orjson.loads(bytes(body))
+        about = dict.fromkeys(f"Patient/{p}" for p in rec.get("patients") or ())
+        if rec.get("subtype") not in PAGE_SUBTYPES:
+            about.update(dict.fromkeys(rec.get("entities") or ()))
+        refs += [(str(r)[:160], int(seq)) for r in about]
+    if refs:
+        cur.executemany(f"INSERT INTO audit_ref (ref, seq) VALUES ({mark}, {mark})", refs)
+    last = int(found[-1][0])
+    if row:
+        cur.execute(f"UPDATE audit_ref_position SET seq = {mark} WHERE id = 1", (last,))
+    else:  # not migrated since references were deferred: indexed from the start
+        cur.execute(f"INSERT INTO audit_ref_position (id, seq) VALUES (1, {mark})", (last,))
+    return len(found)
 
 
 def chain_hash(prev: str, body: bytes) -> str:

@@ -265,7 +265,7 @@ def test_search_text_is_audited(app, city) -> None:  # type: ignore[no-untyped-d
     me = as_(app, "patient", patient=city["golden_a"])
     found = search(app, "улучшение", headers=me)
     assert ids(found) == [d["pdf"]]
-    records, _ = app.hub.audit.records(refs=[f"DocumentReference/{d['pdf']}"], count=10)
+    records, _ = app.hub.audit.records(refs=[f"Patient/{city['a']}"], count=10)
     rec = next(r for r in records if "$search-text" in r.path)
     assert rec.subtype == "search" and rec.action == "R"
     assert f"DocumentReference/{d['pdf']}" in rec.entities

@@ -867,6 +867,13 @@ class _Compiler:
         self, c: Condition, r: FromClause = R, rtype: str | None = None, drive: bool = False
     ) -> ColumnElement[bool]:
         rt = rtype or self.rtype
+        if r is R and not drive and _of_policy(c):  # a grant: the same in every query
+            return _policy_clause(self.dialect, c, rt)
+        return self._cond(c, r, rt, drive)
+
+    def _cond(
+        self, c: Condition, r: FromClause, rt: str | None, drive: bool
+    ) -> ColumnElement[bool]:
         if isinstance(c, IdCond):
             clause = r.c.id.in_(list(c.ids))
             return not_(clause) if c.negate else clause
@@ -891,8 +898,6 @@ class _Compiler:
         if isinstance(c, OwnerCond):
             return r.c.owner == c.owner
         if isinstance(c, RelatedCond):
-            if r is R:  # the usual case: built once per (condition, type), then reused
-                return _related_clause(self.dialect, c, rt)
             return self._related(c, r, rt)
         if isinstance(c, CompartmentCond):
             x = s.idx_reference
@@ -1160,16 +1165,28 @@ class _Compiler:
 _DIALECTS = {"sqlite": sqlite_dialect.dialect(), "postgresql": pg_dialect.dialect()}  # type: ignore[no-untyped-call]
 
 
+def _of_policy(c: Condition) -> bool:
+    """Whether ``c`` is (or holds) a condition only the access policy makes: an MO's own
+    records, or the records of the patients it treats."""
+    if isinstance(c, OwnerCond | RelatedCond):
+        return True
+    if isinstance(c, AnyOf | AllOf):
+        return any(_of_policy(x) for x in c.conds)
+    return isinstance(c, Not) and _of_policy(c.cond)
+
+
 @functools.lru_cache(maxsize=4096)
-def _related_clause(dialect: str, c: RelatedCond, rt: str | None) -> ColumnElement[bool]:
-    """A :class:`RelatedCond` on the ``resources`` table: a few dozen nested subqueries whose
-    construction costs milliseconds in SQLAlchemy (their execution a fraction of one), while
-    the same MO's condition recurs in every query it makes. Clauses are immutable."""
-    clause = _Compiler(dialect, rt)._related(c, R, rt)
-    # Rendered once to SQL (its values are constants: parameter ids, codes, the MO) and used
-    # as text: SQLAlchemy would otherwise walk its dozens of subqueries for the statement's
-    # cache key on every query, which costs more than running them. It is rendered inside a
-    # SELECT from ``resources`` so that its subqueries stay correlated to the outer row.
+def _policy_clause(dialect: str, c: Condition, rt: str | None) -> ColumnElement[bool]:
+    """A grant's condition (:func:`_of_policy`) on the ``resources`` table. A care
+    relationship is a few dozen nested subqueries whose construction costs milliseconds in
+    SQLAlchemy (their execution a fraction of one), while the same MO's grant recurs in every
+    query it makes. Clauses are immutable."""
+    clause = _Compiler(dialect, rt)._cond(c, R, rt, False)
+    # Rendered once to SQL (its values are constants: parameter ids, codes, the MO, patients
+    # whose Consents close their records) and used as text: SQLAlchemy would otherwise walk
+    # its subqueries for the statement's cache key on every query, which costs more than
+    # running them. It is rendered inside a SELECT from ``resources`` so that its subqueries
+    # stay correlated to the outer row.
     inner = select(literal(1)).select_from(R).where(clause)
     sql = str(inner.compile(dialect=_DIALECTS[dialect], compile_kwargs={"literal_binds": True}))
     where = sql.split("\nWHERE ", 1)[1]
