@@ -189,9 +189,33 @@ class Access:
         self._consents: tuple[object, list[_Consent]] | None = None
         self._denials: dict[str | None, tuple[object, Denials]] = {}
         self._proxies: dict[str, tuple[object, frozenset[str]]] = {}
+        self._grants: dict[tuple[Principal, str | None, str], tuple[object, Grant]] = {}
 
     def grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
-        """The policy's grant for ``p``, with the Consents and proxies that concern it."""
+        """The policy's grant for ``p``, with the Consents and proxies that concern it;
+        remembered until a Consent (for a patient acting for someone: also a RelatedPerson
+        or Patient) changes, or the day does (a Consent's period ends on a date)."""
+        acts_for = bool(p.person and p.patient and p.person != p.patient)
+        generation = (
+            date.today(),
+            *(
+                self.store.change_marker(t)
+                for t in (("Consent", "RelatedPerson", "Patient") if acts_for else ("Consent",))
+            ),
+        )
+        key = (p, resource_type, permission)
+        with self._lock:
+            hit = self._grants.get(key)
+        if hit is not None and hit[0] == generation:
+            return hit[1]
+        grant = self._grant(p, resource_type, permission)
+        with self._lock:
+            if len(self._grants) > 10_000:
+                self._grants.clear()
+            self._grants[key] = (generation, grant)
+        return grant
+
+    def _grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
         denied = Denials()
         if (
             permission in "rs"
