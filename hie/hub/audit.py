@@ -20,10 +20,10 @@ Storage (:class:`SqlAuditLog`):
 
 What each record is about (``audit_ref``: one row per patient concerned and, except for a
 search's page of results, per resource named; what ``AuditEvent?patient=`` and ``?entity=``
-look up) is derived from the records and written
-**after** them, in batches (:meth:`SqlAuditLog.index_refs`): by a thread of each process that
-appends, at least every :data:`INDEX_SECONDS`, and by every reader before it looks, so a
-reader always sees every record committed before its query. A request's own commit is then
+look up) is derived from the records and written **after** them, in batches
+(:meth:`SqlAuditLog.index_refs`): by a thread of each process that appends, at least every
+:data:`INDEX_SECONDS`, and by every reader before it looks, so a reader always sees every
+record committed before its query. A request's own commit is then
 one row at the end of one table; writing its ten-odd index rows at random places in the
 index, one commit each, cost five times as much.
 
@@ -365,11 +365,12 @@ class SqlAuditLog:
             meta.create_all(conn, checkfirst=True)
             for ddl in _TRIGGERS[self.dialect]:
                 conn.exec_driver_sql(ddl)
-            ins: Any = (sqlite_insert if self.dialect == "sqlite" else pg_insert)(
-                audit_ref_position
-            )
-            done = select(func.coalesce(func.max(audit_ref.c.seq), 0)).scalar_subquery()
-            conn.execute(ins.values(id=1, seq=done).on_conflict_do_nothing())
+            if conn.execute(select(audit_ref_position.c.seq)).first() is None:
+                ins: Any = (sqlite_insert if self.dialect == "sqlite" else pg_insert)(
+                    audit_ref_position
+                )
+                done = select(func.coalesce(func.max(audit_ref.c.seq), 0)).scalar_subquery()
+                conn.execute(ins.values(id=1, seq=done).on_conflict_do_nothing())
 
     def close(self) -> None:
         """Finish queued appends and their references, and release connections."""
