@@ -33,6 +33,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -1052,7 +1053,14 @@ class _Compiler:
     ) -> ColumnElement[bool]:
         """``c`` matching any of ``codes`` (none: any code)."""
         t = s.idx_token
-        f: list[ColumnElement[bool]] = [t.c.pid == self.pid(c.param, rt)]
+        param: ColumnElement[Any] = t.c.pid
+        if (c.negate or not drive) and c.system is None and self.dialect == "sqlite":
+            # One row's tokens, any system: SQLite would search the lookup index by
+            # (parameter, code) and walk every row with that code (every current document,
+            # for ITI-67's status=current) once per candidate row: 105 ms instead of 0.1 ms
+            # for a patient at 60,000 documents. "+ 0" keeps the probe on the rid index.
+            param = t.c.pid + literal_column("0")
+        f: list[ColumnElement[bool]] = [param == self.pid(c.param, rt)]
         if len(codes) == 1:
             f.append(t.c.code == _clip(codes[0]))
         elif codes:
