@@ -192,42 +192,38 @@ class Access:
         self._grants: dict[tuple[Principal, str | None, str], tuple[object, Grant]] = {}
 
     def grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
-        """The policy's grant for ``p``, with the Consents and proxies that concern it;
-        remembered until a Consent (for a patient acting for someone: also a RelatedPerson
-        or Patient) changes, or the day does (a Consent's period ends on a date)."""
-        acts_for = bool(p.person and p.patient and p.person != p.patient)
-        generation = (
-            date.today(),
-            *(
-                self.store.change_marker(t)
-                for t in (("Consent", "RelatedPerson", "Patient") if acts_for else ("Consent",))
-            ),
+        """The policy's grant for ``p``, with the Consents and proxies that concern it.
+        A grant that depends on them is remembered until a Consent (for a patient acting
+        for someone: also a RelatedPerson or Patient) changes, or the day does (a Consent's
+        period ends on a date); the others are the policy table alone, computed each time."""
+        consents = (
+            permission in "rs"
+            and p.has_role(*CARE_ROLES)
+            and not p.has_role("service")
+            and category(resource_type or "Patient") == "clinical"
         )
+        acts_for = bool(p.person and p.patient and p.person != p.patient)
+        if not (consents or acts_for):
+            return self.policy.grant(p, resource_type, permission)
+        sources = ("Consent", "RelatedPerson", "Patient") if acts_for else ("Consent",)
+        generation = (date.today(), *(self.store.change_marker(t) for t in sources))
         key = (p, resource_type, permission)
         with self._lock:
             hit = self._grants.get(key)
         if hit is not None and hit[0] == generation:
             return hit[1]
-        grant = self._grant(p, resource_type, permission)
+        grant = self.policy.grant(
+            p,
+            resource_type,
+            permission,
+            denied=self.denials(p.org) if consents else Denials(),
+            proxy_for=self.proxy_for(p.person) if acts_for and p.person else frozenset(),
+        )
         with self._lock:
             if len(self._grants) > 10_000:
                 self._grants.clear()
             self._grants[key] = (generation, grant)
         return grant
-
-    def _grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
-        denied = Denials()
-        if (
-            permission in "rs"
-            and p.has_role(*CARE_ROLES)
-            and not p.has_role("service")
-            and category(resource_type or "Patient") == "clinical"
-        ):
-            denied = self.denials(p.org)
-        proxies: frozenset[str] = frozenset()
-        if p.person and p.patient and p.person != p.patient:
-            proxies = self.proxy_for(p.person)
-        return self.policy.grant(p, resource_type, permission, denied=denied, proxy_for=proxies)
 
     # --- consents ---------------------------------------------------------------------------
 

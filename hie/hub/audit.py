@@ -467,9 +467,6 @@ class SqlAuditLog:
                     self._append_sqlite(recs, now)
                 else:
                     self._append_pg(recs, now)
-            except sqlite3.Error as exc:
-                log.error("audit.append.failed", error=str(exc)[:300])
-                raise StorageError("the audit trail is unavailable") from exc
             finally:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -487,9 +484,6 @@ class SqlAuditLog:
                 return False
             try:
                 self._append_sqlite([rec], int(time.time() * 1_000_000))
-            except sqlite3.Error as exc:
-                log.error("audit.append.failed", error=str(exc)[:300])
-                raise StorageError("the audit trail is unavailable") from exc
             finally:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         finally:
@@ -509,14 +503,19 @@ class SqlAuditLog:
     def _append_sqlite(self, recs: Sequence[AuditRecord], now: int) -> None:
         """The same on SQLite through the driver directly (caller holds the locks): an
         append is then a few tens of microseconds, cheap enough to run before each answer."""
-        with self._sqlite() as cur:
-            last = cur.execute(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            cur.executemany(
-                "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
-                _chain(recs, last, now),
-            )
+        try:
+            with self._sqlite() as cur:
+                last = cur.execute(
+                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                cur.executemany(
+                    "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) "
+                    "VALUES (?,?,?,?,?)",
+                    _chain(recs, last, now),
+                )
+        except sqlite3.Error as exc:
+            log.error("audit.append.failed", error=str(exc)[:300])
+            raise StorageError("the audit trail is unavailable") from exc
 
     @contextmanager
     def _sqlite(self) -> Iterator[sqlite3.Cursor]:
