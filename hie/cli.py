@@ -57,7 +57,7 @@ def serve(
     from hie.adapters.dicom import start_dicom
     from hie.adapters.hl7_listener import start_mllp
     from hie.fhir.app import background_work, create_app
-    from hie.hub.runtime import open_hub
+    from hie.hub.runtime import open_hub, settle_process
 
     settings = _settings()
     hub = open_hub(settings)
@@ -95,12 +95,15 @@ def serve(
             _run_without_http(hub)
             return
         if workers == 1:
-            uvicorn.run(create_app(settings, hub), **options)  # type: ignore[arg-type]
+            one = create_app(settings, hub)
+            settle_process()
+            uvicorn.run(one, **options)  # type: ignore[arg-type]
             return
         if settings.worker:
             background_work(hub)
             hub.start_worker()
         os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
+        settle_process()  # this process keeps the listeners and the outbox worker
         uvicorn.run(
             "hie.fhir.app:app_from_env",
             factory=True,
@@ -121,6 +124,7 @@ def _run_without_http(hub: Hub) -> None:
     import threading
 
     from hie.fhir.app import background_work
+    from hie.hub.runtime import settle_process
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -128,6 +132,7 @@ def _run_without_http(hub: Hub) -> None:
     if hub.settings.worker:
         background_work(hub)
         hub.start_worker()
+    settle_process()
     stop.wait()
 
 

@@ -44,7 +44,7 @@ from hie.hub.auth import (
     smart_configuration,
 )
 from hie.hub.errors import HieError
-from hie.hub.runtime import Hub, open_hub
+from hie.hub.runtime import Hub, open_hub, settle_process
 from hie.hub.settings import Settings
 from hie.pacs.dicomweb_api import dicomweb_router
 from hie.registries.patient_index import attach_mpi
@@ -253,7 +253,8 @@ class AuditTrail:
                 if status >= 400 or not _unaudited(scope["path"]):
                     rec = _audit_record(scope, note, status)
                     try:
-                        await self.trail.append_async(rec)
+                        # an emergency access is numbered at once: the patient's notice links it
+                        await self.trail.append_async(rec, numbered=bool(note.overridden))
                     except HieError as exc:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)
@@ -310,7 +311,9 @@ def app_from_env() -> FastAPI:
 
     settings = load_settings()
     hlog.configure(settings.log_level, settings.log_format)
-    return create_app(settings, start_worker=False)
+    app = create_app(settings, start_worker=False)
+    settle_process()
+    return app
 
 
 def background_work(hub: Hub) -> None:

@@ -150,7 +150,7 @@ def test_paging_through_the_trail(client, two) -> None:  # type: ignore[no-untyp
 
 
 def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    async def broken(_rec: object) -> object:
+    async def broken(_rec: object, **_kw: object) -> object:
         raise StorageError("audit database is down")
 
     def broken_now(_recs: object) -> None:

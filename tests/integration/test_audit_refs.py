@@ -5,13 +5,9 @@ deferral is picked up where its references end."""
 
 from __future__ import annotations
 
-import asyncio
-import fcntl
-import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -123,19 +119,3 @@ def test_a_trail_from_before_deferred_references_continues_where_they_end(
     assert trail.index_refs() == 1
     assert _ref_rows(trail, "Patient/p-old") == [r.seq for r in old]  # not indexed twice
     assert _ref_rows(trail, "Patient/p-new") == [new.seq]
-
-
-def test_an_append_waits_in_line_while_another_process_holds_the_lock(tmp_path: Path) -> None:
-    trail = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
-    trail.migrate()
-    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)  # another process's handle
-    fcntl.flock(other, fcntl.LOCK_EX)
-    threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
-    try:
-        started = time.monotonic()
-        rec = asyncio.run(trail.append_async(_rec("p-wait")))
-        assert time.monotonic() - started >= 0.25  # it did not write past the lock
-        assert [r.seq for r in trail.records(refs=["Patient/p-wait"])[0]] == [rec.seq]
-    finally:
-        os.close(other)
-        trail.close()

@@ -1,0 +1,193 @@
+"""On SQLite an HTTP request's audit record is written ahead of the chain: one line appended to
+``audit.db.pending`` before the answer, numbered and chained in batches afterwards. Nothing
+written there is lost or chained twice — whoever chains it, whatever is torn, however the
+file is started over — and every reader sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hie.hub import audit
+from hie.hub.audit import AuditRecord, SqlAuditLog, open_audit_log
+from hie.hub.errors import StorageError
+
+
+@pytest.fixture
+def trails(tmp_path: Path) -> Iterator[list[SqlAuditLog]]:
+    """Trails on one fresh SQLite audit database, as separate processes open them."""
+    opened: list[SqlAuditLog] = []
+    yield opened
+    for t in opened:
+        t.close()
+
+
+def _open(tmp_path: Path, opened: list[SqlAuditLog], *, indexes: bool = False) -> SqlAuditLog:
+    trail = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
+    trail.migrate()
+    if not indexes:  # no background chaining: the test decides who chains, and when
+        trail._index_later = lambda: None  # type: ignore[method-assign]
+    opened.append(trail)
+    return trail
+
+
+def _rec(patient: str) -> AuditRecord:
+    return AuditRecord(
+        action="R",
+        subtype="read",
+        outcome=0,
+        status=200,
+        method="GET",
+        path=f"/fhir/Patient/{patient}",
+        agent="tester",
+        patients=[patient],
+        entities=[f"Patient/{patient}"],
+    )
+
+
+def _write(trail: SqlAuditLog, patient: str) -> AuditRecord:
+    return asyncio.run(trail.append_async(_rec(patient)))
+
+
+def _seqs(trail: SqlAuditLog, patient: str) -> list[int]:
+    return [r.seq for r in trail.records(refs=[f"Patient/{patient}"])[0]]
+
+
+def _pending(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db.pending"
+
+
+def test_an_answer_does_not_wait_for_the_write_lock_and_a_reader_finds_its_record(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    trail = _open(tmp_path, trails)
+    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)  # another process's handle
+    fcntl.flock(other, fcntl.LOCK_EX)
+    threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+    try:
+        started = time.monotonic()
+        rec = _write(trail, "p-busy")
+        assert time.monotonic() - started < 0.2  # written ahead, past the held lock
+        assert rec.seq == 0 and rec.recorded > 0
+        assert b'"p-busy"' in _pending(tmp_path).read_bytes()
+        found = trail.records(refs=["Patient/p-busy"])[0]  # waits for the lock, chains
+        assert time.monotonic() - started >= 0.25
+        assert [(r.seq, r.recorded) for r in found] == [(1, rec.recorded)]
+        assert trail.verify().ok
+    finally:
+        os.close(other)
+
+
+def test_records_written_by_one_process_are_chained_by_another_in_order(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    writer, reader = _open(tmp_path, trails), _open(tmp_path, trails)
+    for i in range(7):
+        _write(writer, f"p-{i}")
+    assert reader.count() == 7
+    assert [_seqs(reader, f"p-{i}") for i in range(7)] == [[i + 1] for i in range(7)]
+    assert reader.count() == 7  # chained once, however many look
+    assert reader.verify().ok and writer.verify().checked == 7
+
+
+def test_the_background_thread_chains_what_was_written(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    trail = _open(tmp_path, trails, indexes=True)
+    _write(trail, "p-bg")
+    deadline = time.monotonic() + 10
+    with trail.engine.connect() as conn:
+        while time.monotonic() < deadline:
+            if conn.exec_driver_sql("SELECT count(*) FROM audit_log").scalar():
+                break
+            time.sleep(0.05)
+        rows = conn.exec_driver_sql("SELECT seq FROM audit_log").all()
+    assert [tuple(r) for r in rows] == [(1,)]
+
+
+def test_a_numbered_append_waits_in_line_and_comes_after_what_is_pending(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    trail = _open(tmp_path, trails)
+    _write(trail, "p-first")
+    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+    try:
+        started = time.monotonic()
+        glass = asyncio.run(trail.append_async(_rec("p-glass"), numbered=True))
+        assert time.monotonic() - started >= 0.25  # it did not write past the lock
+    finally:
+        os.close(other)
+    assert glass.seq == 2  # numbered at once, after the record written before it
+    assert _seqs(trail, "p-first") == [1]
+    assert trail.verify().ok
+
+
+def test_a_torn_line_is_skipped_and_the_record_after_it_kept(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    trail = _open(tmp_path, trails)
+    _write(trail, "p-before")
+    with _pending(tmp_path).open("ab") as f:  # a write cut short by a full disk
+        f.write(b'\n{"action":"R","subtype":"re')
+    _write(trail, "p-after")
+    assert trail.count() == 2
+    assert _seqs(trail, "p-before") == [1] and _seqs(trail, "p-after") == [2]
+    assert trail.verify().ok
+
+
+def test_a_large_pending_file_starts_over_once_chained_without_loss_or_repeats(
+    tmp_path: Path, trails: list[SqlAuditLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "PENDING_COMPACT", 2000)
+    trail = _open(tmp_path, trails)
+    for i in range(10):
+        _write(trail, f"p-old-{i}")
+    assert _pending(tmp_path).stat().st_size > 2000
+    trail.index_refs()
+    head = _pending(tmp_path).read_bytes()
+    assert head.startswith(b'{"pending":') and head.count(b"\n") == 1  # only a header left
+    for i in range(3):
+        _write(trail, f"p-new-{i}")
+    assert trail.count() == 13
+    assert [_seqs(trail, f"p-new-{i}") for i in range(3)] == [[11], [12], [13]]
+    assert _seqs(trail, "p-old-9") == [10]
+    assert trail.verify().ok
+
+
+def test_a_start_over_cut_short_before_its_commit_loses_nothing(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    trail = _open(tmp_path, trails)
+    for i in range(3):
+        _write(trail, f"p-old-{i}")
+    assert trail.count() == 3  # chained; the position is the end of the old file
+    # the process starting the file over died after truncating it and writing the new
+    # header, before committing the new position; appends went on meanwhile
+    _pending(tmp_path).write_bytes(b'{"pending":"g2"}\n')
+    _write(trail, "p-new")
+    assert trail.count() == 4
+    assert _seqs(trail, "p-new") == [4]
+    assert [_seqs(trail, f"p-old-{i}") for i in range(3)] == [[1], [2], [3]]  # not again
+    assert trail.verify().ok
+
+
+def test_a_pending_file_that_cannot_be_written_refuses(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    _pending(tmp_path).mkdir()  # not a file: every write fails
+    trail = _open(tmp_path, trails)
+    with pytest.raises(StorageError, match="audit trail is unavailable"):
+        _write(trail, "p-lost")
+    with pytest.raises(StorageError, match="pending file is unreadable"):
+        trail.count()  # a reader cannot promise it sees everything: no answer
+    _pending(tmp_path).rmdir()
+    assert trail.count() == 0
