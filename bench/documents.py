@@ -321,6 +321,7 @@ def main() -> None:
     ap.add_argument("--max-kb", type=float, default=200)
     ap.add_argument("--probe-every", type=int, default=50)
     ap.add_argument("--queries", type=int, default=400)
+    ap.add_argument("--workers", type=int, default=1, help="HIE_HTTP_WORKERS of the hub")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
     args = ap.parse_args()
@@ -342,7 +343,9 @@ def main() -> None:
         )
         data = work / "var"
         data.mkdir()
-        with hub_server(data, f"sqlite:///{data / 'hie.db'}", HIE_HTTP_WORKERS="1") as base:
+        with hub_server(
+            data, f"sqlite:///{data / 'hie.db'}", HIE_HTTP_WORKERS=str(args.workers)
+        ) as base:
             r = httpx.post(
                 f"{base}/fhir",
                 json=as_transaction(lab_registry()),
