@@ -102,7 +102,7 @@ def balanced_clients(
     port = int(base.rsplit(":", 1)[1])
     limit = -(-n // workers)
     clients: list[tuple[httpx.Client, int]] = []
-    for _ in range(tries):
+    for attempt in range(tries):
         while len(clients) < n:
             c = httpx.Client(base_url=base, headers=headers, timeout=60)
             r = c.get("/healthz")
@@ -112,7 +112,7 @@ def balanced_clients(
         for c, cport in clients:
             by_worker.setdefault(owners.get(cport, -1), []).append((c, cport))
         extra = [c for group in by_worker.values() for c in group[limit:]]
-        if not extra:
+        if not extra or attempt == tries - 1:  # even, or as even as it got
             break
         for c, _ in extra:
             c.close()
