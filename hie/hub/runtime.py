@@ -25,8 +25,8 @@ from hie.hub.store import ResourceStore, open_resource_store
 # How long a thread may keep the GIL while another waits for it (CPython's default is 5 ms).
 # A hub process runs its event loop beside thread-pool threads that run the service code, and
 # every SQLite call or socket write gives the GIL away: the loop then waited up to 5 ms to get
-# it back before answering. 1 ms bounds that wait (measured: p95 of a concurrent search
-# -5 to -12 %, throughput +5 %, with or without security).
+# it back before answering. 1 ms bounds that wait (one paired run of concurrent searches:
+# p95 -12 % and throughput +5 % without security, p95 -8 % with it).
 SWITCH_INTERVAL = 0.001
 
 

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,23 @@ def _pending(tmp_path: Path) -> Path:
     return tmp_path / "audit.db.pending"
 
 
+@contextmanager
+def _write_lock_held(tmp_path: Path, seconds: float) -> Iterator[None]:
+    """Another process holds the trail's write lock for ``seconds`` from now."""
+    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    threading.Timer(seconds, fcntl.flock, (other, fcntl.LOCK_UN)).start()
+    try:
+        yield
+    finally:
+        os.close(other)
+
+
 def test_an_answer_does_not_wait_for_the_write_lock_and_a_reader_finds_its_record(
     tmp_path: Path, trails: list[SqlAuditLog]
 ) -> None:
     trail = _open(tmp_path, trails)
-    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)  # another process's handle
-    fcntl.flock(other, fcntl.LOCK_EX)
-    threading.Timer(1.0, fcntl.flock, (other, fcntl.LOCK_UN)).start()
-    try:
+    with _write_lock_held(tmp_path, 1.0):
         started = time.monotonic()
         rec = _write(trail, "p-busy")
         assert time.monotonic() - started < 0.8  # written ahead, past the held lock
@@ -81,8 +91,6 @@ def test_an_answer_does_not_wait_for_the_write_lock_and_a_reader_finds_its_recor
         assert time.monotonic() - started >= 0.95
         assert [(r.seq, r.recorded) for r in found] == [(1, rec.recorded)]
         assert trail.verify().ok
-    finally:
-        os.close(other)
 
 
 def test_records_written_by_one_process_are_chained_by_another_in_order(
@@ -117,15 +125,10 @@ def test_a_numbered_append_waits_in_line_and_comes_after_what_is_pending(
 ) -> None:
     trail = _open(tmp_path, trails)
     _write(trail, "p-first")
-    other = os.open(tmp_path / "audit.db.lock", os.O_RDWR)
-    fcntl.flock(other, fcntl.LOCK_EX)
-    threading.Timer(0.3, fcntl.flock, (other, fcntl.LOCK_UN)).start()
-    try:
+    with _write_lock_held(tmp_path, 0.3):
         started = time.monotonic()
         glass = asyncio.run(trail.append_async(_rec("p-glass"), numbered=True))
         assert time.monotonic() - started >= 0.25  # it did not write past the lock
-    finally:
-        os.close(other)
     assert glass.seq == 2  # numbered at once, after the record written before it
     assert _seqs(trail, "p-first") == [1]
     assert trail.verify().ok
