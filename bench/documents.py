@@ -23,6 +23,8 @@ Prints a table and appends one JSON line to ``bench/results/documents.jsonl``.
 
     .venv/bin/python bench/documents.py                       # 10,000 documents
     .venv/bin/python bench/documents.py --documents 100000    # the issue's corpus size
+    .venv/bin/python bench/documents.py --documents 100000 --work /tmp/docs100k   # kept
+    .venv/bin/python bench/documents.py --work /tmp/docs100k --reuse   # searches only, again
 """
 
 from __future__ import annotations
@@ -324,45 +326,67 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="HIE_HTTP_WORKERS of the hub")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="work dir (corpus and data dir), kept afterwards"
+    )
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="the --work dir already holds a published corpus: only time the searches",
+    )
     args = ap.parse_args()
+    if args.reuse and args.work is None:
+        ap.error("--reuse needs --work")
 
-    work = Path(tempfile.mkdtemp(prefix="hie-bench-docs-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="hie-bench-docs-"))
+    keep = args.keep or args.work is not None
     corpus_dir = work / "corpus"
-    corpus_dir.mkdir()
+    data = work / "var"
+    corpus_dir.mkdir(parents=True, exist_ok=args.reuse)
+    print(f"work dir: {work}", flush=True)
     try:
-        t = time.perf_counter()
-        corpus = generate(args.documents, args.patients, args.seed, args, corpus_dir)
-        gen_s = time.perf_counter() - t
+        if args.reuse:
+            corpus = list(json.loads((work / "corpus.json").read_text()))
+            previous = json.loads((work / "publish.json").read_text())
+        else:
+            t = time.perf_counter()
+            corpus = generate(args.documents, args.patients, args.seed, args, corpus_dir)
+            (work / "corpus.json").write_text(json.dumps(corpus))
+            print(f"corpus generated in {time.perf_counter() - t:.0f} s", flush=True)
+            data.mkdir()
         sizes = [c[3] for c in corpus]
         pdfs = sum(1 for c in corpus if c[2] == "application/pdf")
         print(
             f"corpus: {len(corpus)} documents ({pdfs} PDF, {len(corpus) - pdfs} CDA), "
-            f"mean {sum(sizes) / len(sizes) / 1024:.0f} KB, total {sum(sizes) / 2**20:.0f} MB, "
-            f"generated in {gen_s:.0f} s",
+            f"mean {sum(sizes) / len(sizes) / 1024:.0f} KB, total {sum(sizes) / 2**20:.0f} MB",
             flush=True,
         )
-        data = work / "var"
-        data.mkdir()
         with hub_server(
             data, f"sqlite:///{data / 'hie.db'}", HIE_HTTP_WORKERS=str(args.workers)
         ) as base:
-            r = httpx.post(
-                f"{base}/fhir",
-                json=as_transaction(lab_registry()),
-                headers={**AUTH[base], **FJ},
-                timeout=60,
-            )
-            r.raise_for_status()
-            token = DevTokenIssuer(load_settings(data_dir=data)).issue("mis", org=GP, ttl=24 * 3600)
-            mo = {"Authorization": f"Bearer {token}"}
-            pub = publish(base, mo, corpus, corpus_dir, args.clients, args.probe_every)
-            print(
-                f"published: {pub['acked_per_s']:.1f} documents/s acknowledged, "
-                f"{pub['drained_per_s']:.1f}/s with indexing drained",
-                flush=True,
-            )
+            if args.reuse:
+                pub = previous
+                print("published earlier: timing the searches only", flush=True)
+            else:
+                r = httpx.post(
+                    f"{base}/fhir",
+                    json=as_transaction(lab_registry()),
+                    headers={**AUTH[base], **FJ},
+                    timeout=60,
+                )
+                r.raise_for_status()
+                settings = load_settings(data_dir=data)
+                token = DevTokenIssuer(settings).issue("mis", org=GP, ttl=24 * 3600)
+                mo = {"Authorization": f"Bearer {token}"}
+                pub = publish(base, mo, corpus, corpus_dir, args.clients, args.probe_every)
+                (work / "publish.json").write_text(json.dumps(pub))
+                print(
+                    f"published: {pub['acked_per_s']:.1f} documents/s acknowledged, "
+                    f"{pub['drained_per_s']:.1f}/s with indexing drained",
+                    flush=True,
+                )
             rng = random.Random(args.seed)
-            sources = list(pub.pop("patients").values())
+            sources = sorted(pub["patients"].values())
             sample = rng.sample(sources, min(len(sources), 200))
             golden = golden_ids(base, sample)
             by_patient = timed_gets(
@@ -397,7 +421,7 @@ def main() -> None:
             )
             disk = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
     rows = [
@@ -437,19 +461,22 @@ def main() -> None:
         f"\nDocuments (IHE MHD), {len(corpus)} documents, {args.clients} publishing clients, "
         "embedded default"
     )
+    if args.reuse:
+        print("  (publish figures: from the run that built the work dir)")
     for name, value, target in rows:
         print(f"  {name:<34} {value:>22}   {target}")
     line = {
         "bench": "documents",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "corpus": {
             "documents": len(corpus),
             "pdf": pdfs,
             "mean_kb": sum(sizes) / len(sizes) / 1024,
         },
-        "publish": pub,
+        "publish": {k: v for k, v in pub.items() if k != "patients"},
+        "searches_only": args.reuse,
         "by_patient": by_patient,
         "fulltext": fulltext,
         "content": content,
