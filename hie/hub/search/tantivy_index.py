@@ -66,6 +66,10 @@ MAX_ANALYZED_CHARS = 1_000_000
 #: discharge summary costs tens of milliseconds. Most matches are near the start (complaints,
 #: diagnosis), so the opening is tried first and the rest only when it has no match.
 _FIRST_WINDOW_CHARS = 8_000
+#: Characters analysed around the first word that starts with a query term (see _Snippets).
+_SNIPPET_WINDOW_CHARS = SNIPPET_CHARS * 2
+#: Characters of context kept before the first of those words.
+_SNIPPET_LEAD_CHARS = SNIPPET_CHARS // 8
 
 
 def _analyzer(language: str) -> Any:
@@ -274,7 +278,8 @@ class TantivySearchIndex:
         """Best-first page of items matching ``query``, with ``<mark>`` snippets."""
         limit, offset = page_window(limit, offset)
         h = self._h
-        text_q = self._text_query(parse_query(query))
+        terms: list[set[str]] = []
+        text_q = self._text_query(parse_query(query), terms)
         full_q = self._with_filters(text_q, resource_type, patient, filters)
         if full_q is None or text_q is None:
             return SearchResult(total=0, hits=[])
@@ -284,7 +289,7 @@ class TantivySearchIndex:
         total = int(found.count)
         if limit == 0:
             return SearchResult(total=total, hits=[])
-        snippets = _Snippets(searcher, text_q, h.schema)
+        snippets = _Snippets(searcher, text_q, h.schema, terms)
         hits = []
         for score, address in found.hits:
             stored = searcher.doc(address)
@@ -319,17 +324,22 @@ class TantivySearchIndex:
         """Number of committed items."""
         return int(self._h.index.searcher().num_docs)
 
-    def _text_query(self, parsed: ParsedQuery) -> Any:
-        """AND over query units; each unit is an OR over the Russian/English title/text fields."""
+    def _text_query(self, parsed: ParsedQuery, terms: list[set[str]] | None = None) -> Any:
+        """AND over query units; each unit is an OR over the Russian/English title/text fields.
+        Each unit's analysed terms are added to ``terms`` when given (for the snippets)."""
         h = self._h
         must = []
         for unit in parsed.units:
             should = []
+            if terms is not None:
+                terms.append(set())
             for field_name, analyzer_name, boost in _TEXT_FIELDS:
                 analyzer = h.analyzers[analyzer_name]
                 tokens = [token for word in unit for token in analyzer.analyze(word)]
                 if not tokens:
                     continue
+                if terms is not None:
+                    terms[-1].update(t for t in tokens if t)
                 if len(tokens) == 1:
                     q = tantivy.Query.term_query(h.schema, field_name, tokens[0])
                 else:
@@ -373,26 +383,91 @@ class _Snippets:
 
     Highlights come back as UTF-8 byte ranges of the (ё-folded) analysed text, which has the
     same byte layout as the stored text, so they apply to the text as given.
+
+    Analysing costs about 1.4 ms per 8,000 characters and per stemmer, for every hit shown.
+    So the text is first scanned (``str.find``) for words that start with a query term: a
+    Russian stem is the start of the word it came from. Only ``_SNIPPET_WINDOW_CHARS`` around
+    the place where most query words come together are analysed (~80 µs per stemmer). When
+    no word starts that way (an English stem such as ``happi`` need not be a prefix), or the
+    window holds no real match (``котлеты`` for ``кот``), the opening and then the whole
+    text are analysed, as before. On a 300-document corpus this took ``$search-text`` (20
+    hits a page) from 20 to 7.5 ms of CPU per request.
     """
 
-    def __init__(self, searcher: Any, query: Any, schema: Any) -> None:
+    def __init__(self, searcher: Any, query: Any, schema: Any, terms: Sequence[set[str]]) -> None:
         self._gens: dict[str, Any] = {}
         for name, _, _ in _TEXT_FIELDS:
             gen = tantivy.SnippetGenerator.create(searcher, query, schema, name)
             gen.set_max_num_chars(_SNIPPET_BYTES)
             self._gens[name] = gen
+        self._units = [sorted(unit) for unit in terms if unit]
 
     def render(self, stored: Any) -> str:
         """HTML-safe snippet of a stored document, matches wrapped in ``<mark>``."""
         text = _stored_text(stored, "text_src")
         title = _stored_text(stored, "title_src")
         for source, fields in ((text, ("text_ru", "text_en")), (title, ("title_ru", "title_en"))):
+            window = self._around_matches(source[:MAX_ANALYZED_CHARS])
+            if window is not None:
+                html_snippet = self._render_field(window, fields)
+                if html_snippet is not None:
+                    return html_snippet
             windows = (_FIRST_WINDOW_CHARS, MAX_ANALYZED_CHARS)
-            for window in windows if len(source) > _FIRST_WINDOW_CHARS else windows[1:]:
-                html_snippet = self._render_field(source[:window], fields)
+            for window_chars in windows if len(source) > _FIRST_WINDOW_CHARS else windows[1:]:
+                html_snippet = self._render_field(source[:window_chars], fields)
                 if html_snippet is not None:
                     return html_snippet
         return leading_snippet(text or title)
+
+    def _around_matches(self, source: str) -> str | None:
+        """A stretch of ``source`` (``_SNIPPET_WINDOW_CHARS``, cut at spaces) around words that
+        start with a query term, where most of the query's words come close together; None
+        when no word does (or case folding would move character offsets).
+
+        The rarest query word's places are the candidates; each is scored by how many of the
+        other query words start within half a snippet of it."""
+        found = self._rarest_places(source) if len(source) > _SNIPPET_WINDOW_CHARS else None
+        if found is None:
+            return None
+        folded, rarest, places = found
+        others = [unit for n, unit in enumerate(self._units) if n != rarest]
+        reach = SNIPPET_CHARS // 2
+        best, best_score = places[0], 0
+        for at in places:
+            near = [x for unit in others if (x := _first_near(folded, unit, at, reach)) is not None]
+            if len(near) + 1 > best_score:
+                best, best_score = min([at, *near]), len(near) + 1
+                if len(near) == len(others):
+                    break
+        # Tantivy cuts the text into fragments from its start: begin just before the words,
+        # so the first fragment holds them all
+        start = max(0, best - _SNIPPET_LEAD_CHARS)
+        end = min(len(source), start + _SNIPPET_WINDOW_CHARS)
+        if start > 0:
+            space = source.find(" ", start, best)
+            start = space + 1 if space >= 0 else best
+        if end < len(source):
+            space = source.rfind(" ", best, end)
+            end = space if space > best else end
+        return source[start:end]
+
+    def _rarest_places(self, source: str) -> tuple[str, int, list[int]] | None:
+        """(folded text, query unit, offsets of the words starting with one of its terms) for
+        the unit with the fewest such words: in the opening, else in the whole text."""
+        for scanned in (_FIRST_WINDOW_CHARS, len(source)):
+            folded = normalize_text(source[:scanned]).lower()
+            if len(folded) != min(scanned, len(source)):
+                return None
+            counts = sorted(
+                (sum(folded.count(t) for t in unit), n) for n, unit in enumerate(self._units)
+            )
+            for count, n in counts:
+                places = sorted(a for t in self._units[n] for a in _word_starts(folded, t))
+                if count and places:
+                    return folded, n, places
+            if scanned >= len(source):
+                break
+        return None
 
     def _render_field(self, source: str, fields: tuple[str, str]) -> str | None:
         raw = source.encode()
@@ -422,6 +497,26 @@ class _Snippets:
             }
         )
         return _html_from_bytes(raw, frag_start, frag_end, spans)
+
+
+def _word_starts(
+    folded: str, term: str, start: int = 0, end: int | None = None, limit: int = 64
+) -> list[int]:
+    """Offsets of up to ``limit`` words of ``folded[start:end]`` that start with ``term``."""
+    out: list[int] = []
+    start = max(start, 0)
+    at = folded.find(term, start, end)
+    while at >= 0 and len(out) < limit:
+        if at == 0 or not folded[at - 1].isalnum():
+            out.append(at)
+        at = folded.find(term, at + 1, end)
+    return out
+
+
+def _first_near(folded: str, terms: Sequence[str], at: int, reach: int) -> int | None:
+    """Offset of the first word within ``reach`` of ``at`` starting with one of ``terms``."""
+    hits = [x for t in terms for x in _word_starts(folded, t, at - reach, at + reach, 1)]
+    return min(hits) if hits else None
 
 
 def _stored_text(stored: Any, name: str) -> str:
