@@ -44,6 +44,7 @@ from hie.hub.auth import (
     smart_configuration,
 )
 from hie.hub.errors import HieError
+from hie.hub.outbox import LagGate
 from hie.hub.runtime import Hub, open_hub, settle_process
 from hie.hub.settings import Settings
 from hie.pacs.dicomweb_api import dicomweb_router
@@ -311,7 +312,7 @@ def app_from_env() -> FastAPI:
 
     settings = load_settings()
     hlog.configure(settings.log_level, settings.log_format)
-    app = create_app(settings, start_worker=False)
+    app = create_app(settings, start_worker=False, index_gate=settings.worker)
     settle_process()
     return app
 
@@ -346,11 +347,30 @@ def background_work(hub: Hub) -> None:
 
 
 def create_app(
-    settings: Settings, hub: Hub | None = None, *, start_worker: bool | None = None
+    settings: Settings,
+    hub: Hub | None = None,
+    *,
+    start_worker: bool | None = None,
+    index_gate: bool | None = None,
 ) -> FastAPI:
-    """Build the HTTP app over ``hub`` (opened from settings when not given)."""
+    """Build the HTTP app over ``hub`` (opened from settings when not given).
+
+    ``index_gate``: document writes wait for the full-text indexer when it falls behind
+    (:class:`LagGate`); on by default when this app runs the outbox worker, and for ``hie
+    serve``'s HTTP workers, whose parent process runs it."""
     hub = hub or open_hub(settings)
     background_work(hub)
+    run_worker = settings.worker if start_worker is None else start_worker
+    gate = (
+        LagGate(
+            hub.store,
+            SearchIndexer.name,
+            settings.index_max_lag_seconds,
+            settings.index_lag_wait_seconds,
+        )
+        if (run_worker if index_gate is None else index_gate) and settings.search_url
+        else None
+    )
     service = FhirService(
         hub.store,
         settings,
@@ -358,9 +378,9 @@ def create_app(
         require_principal=settings.auth_enabled,
         trail=hub.audit,
         blobs=lambda: hub.blobs,
+        index_gate=gate,
     )
     mpi = attach_mpi(service)
-    run_worker = settings.worker if start_worker is None else start_worker
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

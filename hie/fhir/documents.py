@@ -36,6 +36,7 @@ import orjson
 from hie.fhir.document_content import CDA_MEDIA_TYPE, check_declared, parse_media_type
 from hie.hub.blobs.port import BlobSource, BlobStore, iter_chunks
 from hie.hub.errors import BlobIntegrityError, BlobTooLarge, Unprocessable
+from hie.hub.outbox import LagGate
 from hie.hub.store.port import ResourceStore, WriteTx
 
 if TYPE_CHECKING:
@@ -165,12 +166,19 @@ def body_problem(declared: str, staged: Staged, *, cda: bool = False) -> str | N
 class DocumentIntake:
     """Puts document bodies into the blob store and checks documents against them."""
 
-    def __init__(self, blobs: Callable[[], BlobStore], max_bytes: int) -> None:
+    def __init__(
+        self, blobs: Callable[[], BlobStore], max_bytes: int, gate: LagGate | None = None
+    ) -> None:
         self.blobs = blobs
         self.max_bytes = max_bytes
+        self.gate = gate
 
     def batch(self, svc: FhirService) -> IntakeBatch:
-        """The intake of one request (a transaction or a single write)."""
+        """The intake of one request (a transaction or a single write). While the full-text
+        index trails the hub by more than ``HIE_INDEX_MAX_LAG_SECONDS``, this waits first
+        (``gate``), before any body is stored or anything written."""
+        if self.gate is not None:
+            self.gate.admit()
         return IntakeBatch(self, svc)
 
     def put(self, source: BlobSource, *, keep_whole: bool = False) -> Staged:

@@ -24,7 +24,7 @@ import multiprocessing
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -619,22 +619,23 @@ class SearchIndexer:
         binaries = list(
             dict.fromkeys(("Binary", e.id) for e in events if e.resource_type == "Binary")
         )
+        waits_for: dict[tuple[str, str], tuple[str, str]] = {}  # Binary → its document
         if binaries and self.reader is not None:
             # a body replaced after its DocumentReference was indexed: index the document again
             for stored in self.store.read_many(binaries):
                 context = security_context(orjson.loads(stored.content)) if stored.content else None
-                if (
-                    context is not None
-                    and context[0] == "DocumentReference"
-                    and context not in refs
-                ):
-                    refs.append(context)
+                if context is not None and context[0] == "DocumentReference":
+                    waits_for[("Binary", stored.id)] = context
+                    if context not in refs:
+                        refs.append(context)
         if not refs:
             return
         idx = self.index()
         # A batch can be thousands of documents (a backlog): what is indexed is committed at
         # least every COMMIT_SECONDS, so a document becomes searchable about that long after
         # it is indexed, not after the whole batch (re-indexing after a crash is harmless).
+        # Each commit also moves the outbox offset past the events it covers, so the
+        # position tells writers (the documents' LagGate) how far behind the index really is.
         since_commit = time.monotonic()
         for start in range(0, len(refs), CHUNK):
             chunk = refs[start : start + CHUNK]
@@ -659,7 +660,29 @@ class SearchIndexer:
             if time.monotonic() - since_commit >= COMMIT_SECONDS:
                 idx.commit()
                 since_commit = time.monotonic()
+                done = _covered(events, refs[: start + CHUNK], waits_for)
+                if done is not None:
+                    self.store.outbox_ack(self.name, done)
         idx.commit()
+
+
+def _covered(
+    events: Sequence[OutboxEvent],
+    done: Sequence[tuple[str, str]],
+    waits_for: Mapping[tuple[str, str], tuple[str, str]],
+) -> int | None:
+    """The last seq of the longest run of ``events`` from the start that the index has
+    caught up with: each one's resource is in ``done``, or not indexed at all; a Binary
+    waits for the document it is the body of (``waits_for``)."""
+    finished = set(done)
+    last = None
+    for e in events:
+        ref = (e.resource_type, e.id)
+        needs = waits_for.get(ref) if e.resource_type == "Binary" else ref
+        if needs is not None and needs[0] in FULLTEXT_TYPES and needs not in finished:
+            break
+        last = e.seq
+    return last
 
 
 # --- what the index knows about documents ----------------------------------------------------

@@ -49,6 +49,7 @@ from hie.hub.errors import (
     Unprocessable,
     VersionConflict,
 )
+from hie.hub.outbox import LagGate
 from hie.hub.policy import EVERYTHING, AccessPolicy, Grant
 from hie.hub.search.port import SearchIndex
 from hie.hub.settings import Settings
@@ -190,13 +191,16 @@ class FhirService:
         require_principal: bool = False,
         trail: SqlAuditLog | None = None,
         blobs: Callable[[], BlobStore] | None = None,
+        index_gate: LagGate | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.search_index = search_index
         # document bodies (IHE MHD): in the blob store when one is configured
         self.documents = (
-            DocumentIntake(blobs, settings.max_document_bytes) if blobs is not None else None
+            DocumentIntake(blobs, settings.max_document_bytes, index_gate)
+            if blobs is not None
+            else None
         )
         self.mpi: PatientWrites | None = None  # set by the app (hie.registries.patient_index)
         self.policy = AccessPolicy(PATIENT_COMPARTMENT)

@@ -144,3 +144,88 @@ class OutboxWorker(Poller):
             self.update_lag()
             self._last_lag = time.monotonic()
         return handled > 0
+
+
+LAG_WAIT = Counter(
+    "hie_outbox_lag_wait_seconds_total",
+    "Time writes were held back because a consumer trailed the outbox",
+    ["consumer"],
+)
+
+
+class LagGate:
+    """Holds writes back while ``consumer`` trails the outbox by more than ``max_lag``
+    seconds (the age of the oldest event it has not acknowledged), so that what the hub
+    acknowledges reaches that consumer within about that time: the full-text index, whose
+    freshness a clinician relies on when looking for a document just sent. Senders are slowed
+    instead of the lag growing without bound; the write itself has not started, so a sender
+    that gives up has nothing half-done.
+
+    A writer waits at most ``max_wait`` seconds, and not at all while the consumer has
+    been behind for ``stall`` seconds without acknowledging anything (stopped, or failing):
+    then writes go ahead and a warning is logged, because storing a document matters more
+    than finding it at once. ``max_lag`` 0 turns the gate off. One reading of the position
+    serves every waiting thread for ``poll`` seconds.
+    """
+
+    def __init__(
+        self,
+        store: ResourceStore,
+        consumer: str,
+        max_lag: float,
+        max_wait: float,
+        *,
+        stall: float = 10.0,
+        poll: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.consumer = consumer
+        self.max_lag = max_lag
+        self.max_wait = max_wait
+        self.stall = stall
+        self.poll = poll
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._age = 0.0
+        self._acked = -1
+        self._progress_at = time.monotonic()  # last time the position moved, or lag began
+        self._warned = False
+
+    def admit(self) -> float:
+        """Return once a write may go ahead; the seconds it waited."""
+        if self.max_lag <= 0:
+            return 0.0
+        started = time.monotonic()
+        waited = 0.0
+        while True:
+            age, stalled = self._observe()
+            if age <= self.max_lag or stalled or waited >= self.max_wait:
+                break
+            time.sleep(self.poll)
+            waited = time.monotonic() - started
+        if waited:
+            LAG_WAIT.labels(self.consumer).inc(waited)
+        if age > self.max_lag and not self._warned:
+            self._warned = True
+            log.warning(
+                "outbox.lag.admitted",
+                consumer=self.consumer,
+                lag_seconds=round(age, 1),
+                reason="stalled" if stalled else "waited too long",
+            )
+        return waited
+
+    def _observe(self) -> tuple[float, bool]:
+        """(seconds the consumer is behind, whether it has stopped moving), re-read at most
+        every ``poll`` seconds."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._read_at >= self.poll:
+                acked, oldest = self.store.outbox_behind(self.consumer)
+                age = 0.0 if oldest is None else max(0.0, time.time() - oldest / 1e6)
+                if acked != self._acked or (self._age <= self.max_lag < age):
+                    self._progress_at = now  # it moved, or it just fell behind
+                if age <= self.max_lag:
+                    self._warned = False
+                self._acked, self._age, self._read_at = acked, age, now
+            return self._age, now - self._progress_at >= self.stall

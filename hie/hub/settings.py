@@ -103,6 +103,14 @@ class Settings(BaseSettings):
         description="processes extracting document text for the search index "
         "(-1: one per CPU; 0: inside the outbox worker)",
     )
+    index_max_lag_seconds: float = Field(
+        default=1.0,
+        description="document writes wait while the full-text index trails the hub by more "
+        "than this (0: never)",
+    )
+    index_lag_wait_seconds: float = Field(
+        default=30.0, description="longest such wait; the write then goes ahead"
+    )
     page_size: int = 50
     max_page_size: int = 1000
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"

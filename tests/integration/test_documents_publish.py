@@ -456,3 +456,39 @@ def test_binary_meta_cannot_point_at_a_stored_body(mhd: Any) -> None:
         ).status_code
         == 422
     )
+
+
+# --- publishing waits for the full-text index when it falls behind ----------------------------
+
+
+def test_publishing_waits_while_the_index_trails_then_goes_ahead(settings_for: Any) -> None:
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from hie.fhir.app import create_app
+    from hie.hub.outbox import OutboxWorker
+    from hie.hub.runtime import open_hub
+
+    settings = settings_for(None, index_max_lag_seconds=0.2, index_lag_wait_seconds=0.8)
+    hub = open_hub(settings)
+    hub.store.migrate()
+    # the outbox worker does not run: the index trails by as long as the test wants
+    app = create_app(settings, hub, start_worker=False, index_gate=True)
+    with TestClient(app, base_url="http://hub.test", headers=bearer(settings)) as c:
+        assert c.post("/fhir", json=as_transaction(lab_registry())).status_code == 200
+        mo = {**FJ, **bearer(settings, "mis", org=GP)}
+        time.sleep(0.3)  # the registry's events are now older than the allowed lag
+        started = time.monotonic()
+        held = c.post("/fhir", json=provide_bundle(), headers=mo)
+        held_for = time.monotonic() - started
+        assert held.status_code == 200, held.text  # held at most the longest wait, then stored
+        assert held_for >= 0.75
+        # once the indexer has caught up, nothing waits
+        OutboxWorker(hub.store, hub.consumers).drain(timeout=60)
+        started = time.monotonic()
+        free = c.post("/fhir", json=provide_bundle(patient=patient_entry("7000200")), headers=mo)
+        assert free.status_code == 200, free.text
+        assert time.monotonic() - started < 0.6
+        found = c.get("/fhir/DocumentReference/$search-text", params={"q": "пневмония"})
+        assert found.json()["total"] >= 1  # the held document was indexed

@@ -10,12 +10,13 @@ transaction that took a lower number and commits last is never skipped.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from hie.hub.outbox import OutboxWorker
+from hie.hub.outbox import LagGate, OutboxWorker
 from hie.hub.store import open_resource_store
 from hie.hub.store.port import IndexRows, NewVersion, OutboxEvent
 from hie.hub.store.sql import now_us
@@ -298,3 +299,87 @@ def test_pg_rolled_back_seq_is_skipped_once_its_transaction_ended(pg_store: Any)
     OutboxWorker(pg_store, [rec]).drain(timeout=30)
     assert rec.keys == [("Patient", "aged", 1, "create"), ("Patient", "next", 1, "create")]
     assert rec.seqs[1] == rec.seqs[0] + 1
+
+
+# --- how far behind a consumer is, and writers that wait for it -------------------------------
+
+
+def write_at(store: Any, id: str, when: int) -> None:
+    with store.transaction() as tx:
+        tx.write(
+            NewVersion("Patient", id, b'{"resourceType": "Patient"}', IndexRows(), "POST"), 1, when
+        )
+
+
+def test_outbox_behind_gives_the_time_of_the_oldest_unacknowledged_event(store: Any) -> None:
+    t0 = now_us() - 30_000_000
+    for n in range(3):
+        write_at(store, f"b{n}", t0 + n * 1_000_000)
+    seqs = [e.seq for e in store.outbox_read("c", 10)]
+    assert store.outbox_behind("c") == (0, t0)
+    store.outbox_ack("c", seqs[0])
+    assert store.outbox_behind("c") == (seqs[0], t0 + 1_000_000)
+    store.outbox_ack("c", seqs[-1])
+    assert store.outbox_behind("c") == (seqs[-1], None)
+
+
+def gate(store: Any, **kw: float) -> LagGate:
+    settings = {"max_lag": 1.0, "max_wait": 10.0, "stall": 5.0, "poll": 0.02, **kw}
+    return LagGate(
+        store,
+        "c",
+        settings["max_lag"],
+        settings["max_wait"],
+        stall=settings["stall"],
+        poll=settings["poll"],
+    )
+
+
+def ack_later(store: Any, seqs: list[int], every: float) -> threading.Thread:
+    """Acknowledge ``seqs`` one by one, ``every`` seconds apart, in a thread."""
+
+    def run() -> None:
+        for seq in seqs:
+            time.sleep(every)
+            store.outbox_ack("c", seq)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_lag_gate_lets_writes_through_while_the_consumer_keeps_up(store: Any) -> None:
+    write_at(store, "fresh", now_us())
+    assert gate(store).admit() == 0.0  # behind by less than max_lag
+    write_at(store, "old", now_us() - 60_000_000)
+    assert gate(store, max_lag=0.0).admit() == 0.0  # the gate is off
+
+
+def test_lag_gate_holds_writes_until_the_consumer_catches_up(store: Any) -> None:
+    write_at(store, "old", now_us() - 60_000_000)
+    (seq,) = [e.seq for e in store.outbox_read("c", 10)]
+    acker = ack_later(store, [seq], 0.4)
+    waited = gate(store).admit()
+    acker.join()
+    assert 0.3 <= waited < 3.0
+    assert store.outbox_behind("c") == (seq, None)
+
+
+def test_lag_gate_waits_no_longer_than_max_wait(store: Any) -> None:
+    # the consumer moves (not stalled) but stays far behind
+    for n in range(40):
+        write_at(store, f"old{n}", now_us() - 60_000_000)
+    seqs = [e.seq for e in store.outbox_read("c", 100)]
+    acker = ack_later(store, seqs[:20], 0.05)
+    waited = gate(store, max_wait=0.6).admit()
+    acker.join()
+    assert 0.55 <= waited < 2.0
+
+
+def test_lag_gate_stops_waiting_for_a_stalled_consumer(store: Any) -> None:
+    write_at(store, "old", now_us() - 60_000_000)
+    g = gate(store, stall=0.4)
+    waited = g.admit()
+    assert 0.35 <= waited < 2.0
+    # still stalled: the next writer is not held at all
+    assert g.admit() < 0.1

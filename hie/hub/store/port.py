@@ -550,6 +550,10 @@ class ResourceStore(Protocol):
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq) for lag metrics."""
 
+    def outbox_behind(self, consumer: str) -> tuple[int, int | None]:
+        """(acknowledged seq, commit time in µs of the oldest event ``consumer`` has not
+        acknowledged, or None when it has caught up): how far behind it is, in time."""
+
     def change_marker(self, resource_type: str) -> tuple[int, int]:
         """(how many resources of the type were ever created, newest change time): differs
         after any create, update or delete of that type, so a cache keyed on it is never

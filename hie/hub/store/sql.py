@@ -479,6 +479,20 @@ class SqlResourceStore:
                     update(t).where(t.c.consumer == consumer).values(last_seq=seq, updated=now_us())
                 )
 
+    def outbox_behind(self, consumer: str) -> tuple[int, int | None]:
+        """(acknowledged seq, when the oldest event after it was committed, in µs; None
+        when the consumer has caught up)."""
+        o = s.outbox
+        with self._read() as conn:
+            acked = conn.execute(
+                select(s.outbox_offsets.c.last_seq).where(s.outbox_offsets.c.consumer == consumer)
+            ).scalar()
+            acked = int(acked or 0)
+            oldest = conn.execute(
+                select(o.c.created).where(o.c.seq > acked).order_by(o.c.seq).limit(1)
+            ).scalar()
+        return acked, None if oldest is None else int(oldest)
+
     def change_marker(self, resource_type: str) -> tuple[int, int]:
         """(resources of the type, newest last_updated), from one index. On SQLite the
         answer is remembered until the database changes (:meth:`_data_version`, a fraction

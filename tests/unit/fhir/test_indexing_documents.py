@@ -399,6 +399,37 @@ def test_a_long_batch_becomes_searchable_as_it_goes(
     assert found(hub, "pneumonia") == sorted(docs)
 
 
+def test_a_long_batch_moves_the_outbox_position_as_it_goes(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the acknowledged position follows what is committed to the index, so a writer that
+    # waits for the index (LagGate) sees its real lag, not the age of the whole batch
+    monkeypatch.setattr(indexing, "COMMIT_SECONDS", 0.0)
+    for _ in range(40):
+        store_document(hub, "p1", b"pneumonia", "text/plain")
+    events = hub.store.outbox_read("test-observer", 1000)
+    ix = indexer(hub)
+    seen: list[tuple[int, int]] = []  # (acknowledged seq, documents searchable)
+    real = ix.document
+
+    def document(res: dict[str, Any]) -> Any:
+        seen.append((hub.store.outbox_behind(ix.name)[0], len(found(hub, "pneumonia"))))
+        return real(res)
+
+    ix.document = document  # type: ignore[method-assign]
+    drain(hub, ix)
+    acked = [a for a, _ in seen]
+    assert acked == sorted(acked)
+    assert acked[0] == 0 and acked[-1] > 0
+    for position, searchable in seen:
+        # every document at or before the position is already searchable
+        covered = {
+            e.id for e in events if e.seq <= position and e.resource_type == "DocumentReference"
+        }
+        assert len(covered) <= searchable
+    assert hub.store.outbox_behind(ix.name) == (events[-1].seq, None)
+
+
 # --- text extraction in worker processes ------------------------------------------------------
 
 
