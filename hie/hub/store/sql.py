@@ -40,7 +40,6 @@ from sqlalchemy import (
     select,
     text,
     true,
-    tuple_,
     union_all,
     update,
 )
@@ -295,11 +294,15 @@ class SqlResourceStore:
             return []
         out: list[StoredResource] = []
         with self._read() as conn:
-            for chunk in _chunks(list(dict.fromkeys(refs)), 400):
-                stmt = self._current_select().where(
-                    tuple_(R.c.rtype, R.c.id).in_(chunk), R.c.deleted == false()
-                )
-                out.extend(self._row(r) for r in conn.execute(stmt))
+            # one type at a time: ``rtype = ? AND id IN (…)`` uses the (rtype, id) key, where
+            # SQLite answers ``(rtype, id) IN (VALUES …)`` by scanning every resource (60 ms
+            # for 20 documents at 100,000)
+            for rtype, ids in _by_type(refs).items():
+                for chunk in _chunks(ids, 400):
+                    stmt = self._current_select().where(
+                        R.c.rtype == rtype, R.c.id.in_(chunk), R.c.deleted == false()
+                    )
+                    out.extend(self._row(r) for r in conn.execute(stmt))
         return out
 
     def history(
@@ -411,7 +414,14 @@ class SqlResourceStore:
         if not targets:
             return []
         x = s.idx_reference
-        sub = select(x.c.rid).where(tuple_(x.c.target_type, x.c.target_id).in_(list(targets)))
+        sub = select(x.c.rid).where(
+            or_(
+                *(
+                    and_(x.c.target_type == rtype, x.c.target_id.in_(ids))
+                    for rtype, ids in _by_type(targets).items()
+                )
+            )
+        )
         if param is not None:
             sub = sub.where(x.c.pid == param_id(source_type, param))
         stmt = (
@@ -548,6 +558,14 @@ class SqlResourceStore:
 
 
 _WAL_INDEX_HEADER = 96  # two copies of the 48-byte WalIndexHdr
+
+
+def _by_type(refs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    """(type, id) pairs → ids per type, each once, in their first order."""
+    out: dict[str, list[str]] = {}
+    for rtype, rid in dict.fromkeys(refs):
+        out.setdefault(rtype, []).append(rid)
+    return out
 
 
 def _map_wal_index(path: str) -> mmap.mmap | None:
