@@ -950,6 +950,14 @@ class _Compiler:
         self, c: Condition, r: FromClause, rt: str | None, drive: bool
     ) -> ColumnElement[bool]:
         if isinstance(c, IdCond):
+            if drive and rt is not None:
+                # as a subquery on the (rtype, id) key: a bare ``id IN (…)`` beside an ORDER BY
+                # rid let SQLite walk every resource of the type in rid order instead
+                # (``_content`` + ``patient``: 35 ms at 100,000 documents)
+                by_id = R.alias("by_id")
+                return r.c.rid.in_(
+                    select(by_id.c.rid).where(by_id.c.rtype == rt, by_id.c.id.in_(list(c.ids)))
+                )
             clause = r.c.id.in_(list(c.ids))
             return not_(clause) if c.negate else clause
         if isinstance(c, TypeCond):

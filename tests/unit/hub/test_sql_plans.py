@@ -13,7 +13,7 @@ from sqlalchemy import event
 
 from hie.hub.store import open_resource_store
 from hie.hub.store import sql as store_sql
-from hie.hub.store.port import ReferenceCond, TokenCond
+from hie.hub.store.port import IdCond, Query, ReferenceCond, TokenCond
 
 
 def _plan(tmp_path: Path, system: str | None) -> list[str]:
@@ -88,3 +88,20 @@ def test_finding_what_references_some_targets_uses_the_reference_index(tmp_path:
         tmp_path, lambda store: store.referencing(targets, "DocumentReference", "subject", 10)
     )
     assert plan and not [step for step in plan if step.startswith("SCAN")], plan
+
+
+def test_a_search_by_ids_is_driven_by_the_id_key(tmp_path: Path) -> None:
+    # _content gives ids; beside the patient and status probes and ORDER BY rid, a bare
+    # id IN (…) let SQLite walk every DocumentReference in rid order (35 ms at 100,000)
+    query = Query(
+        "DocumentReference",
+        conds=[
+            ReferenceCond("patient", "Patient", "p-1", expand=True),
+            TokenCond("status", None, "current"),
+            IdCond(("d1", "d2", "d3")),
+        ],
+        count=50,
+    )
+    plan = _plans_of(tmp_path, lambda store: store.search(query))
+    assert any("(rtype=? AND id=?)" in step for step in plan), plan
+    assert "SEARCH resources USING INDEX ix_resources_type_rid (rtype=?)" not in plan, plan
