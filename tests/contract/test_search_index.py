@@ -420,13 +420,19 @@ def test_snippet_marks_both_stemmers_and_keeps_yo(clinical: SearchIndex) -> None
     assert "<mark>fracture</mark>" in hit.snippet
 
 
+def snippet_of(index: SearchIndex, text: str, query: str) -> str:
+    """The snippet of the one document holding ``text`` that ``query`` finds."""
+    index.upsert([doc(1, text)])
+    index.commit()
+    (hit,) = index.search(query).hits
+    return hit.snippet
+
+
 def test_snippet_of_a_long_document_is_short(index: SearchIndex) -> None:
     filler = "Состояние удовлетворительное, жалоб нет. " * 500
-    index.upsert([doc(1, filler + "Выявлена пневмония. " + filler)])
-    index.commit()
-    (hit,) = index.search("пневмония").hits
-    assert "<mark>пневмония</mark>" in hit.snippet
-    assert len(hit.snippet) < 600
+    snippet = snippet_of(index, filler + "Выявлена пневмония. " + filler, "пневмония")
+    assert "<mark>пневмония</mark>" in snippet
+    assert len(snippet) < 600
 
 
 def test_snippet_shows_the_query_words_where_they_come_together(index: SearchIndex) -> None:
@@ -434,30 +440,26 @@ def test_snippet_shows_the_query_words_where_they_come_together(index: SearchInd
     alone = "Аллергия на амоксициллин отрицается. "
     late = "Выписана. Лечение: омепразол 20 мг утром. амоксициллин 500 мг 3 раза в сутки. "
     filler = "Состояние удовлетворительное. " * 10
-    index.upsert([doc(1, early + filler + alone + filler + late)])
-    index.commit()
-    (hit,) = index.search("лечение амоксициллин").hits
-    assert "<mark>Лечение</mark>" in hit.snippet
-    assert "<mark>амоксициллин</mark>" in hit.snippet
+    snippet = snippet_of(index, early + filler + alone + filler + late, "лечение амоксициллин")
+    assert "<mark>Лечение</mark>" in snippet
+    assert "<mark>амоксициллин</mark>" in snippet
 
 
 def test_snippet_of_a_word_whose_stem_is_not_its_start(index: SearchIndex) -> None:
     # English "happiness" and "happy" share the stem "happi", which "happy" does not start with
     filler = "The patient was seen on the ward today. " * 300
-    index.upsert([doc(1, filler + "She says she is happy at home now. " + filler)])
-    index.commit()
-    (hit,) = index.search("happiness").hits
-    assert "<mark>happy</mark>" in hit.snippet
+    snippet = snippet_of(
+        index, filler + "She says she is happy at home now. " + filler, "happiness"
+    )
+    assert "<mark>happy</mark>" in snippet
 
 
 def test_snippet_skips_words_that_only_begin_like_the_query(index: SearchIndex) -> None:
     # "котлеты" begins with "кот" but is another word; the snippet shows the real match
     filler = "На обед котлеты с пюре, аппетит хороший. " * 300
-    index.upsert([doc(1, filler + "Дома живёт кот, аллергии на шерсть нет. " + filler)])
-    index.commit()
-    (hit,) = index.search("кот").hits
-    assert "<mark>кот</mark>" in hit.snippet
-    assert "<mark>котлеты</mark>" not in hit.snippet
+    snippet = snippet_of(index, filler + "Дома живёт кот, аллергии на шерсть нет. " + filler, "кот")
+    assert "<mark>кот</mark>" in snippet
+    assert "<mark>котлеты</mark>" not in snippet
 
 
 # -- hostile queries ---------------------------------------------------------------------------
