@@ -555,7 +555,7 @@ class ResourceStore(Protocol):
         acknowledged, or None when it has caught up): how far behind it is, in time."""
 
     def change_marker(self, resource_type: str) -> tuple[int, int]:
-        """(how many resources of the type were ever created, newest change time): differs
+        """(newest row of the type, newest change time): differs
         after any create, update or delete of that type, so a cache keyed on it is never
         stale (the consent rules use it)."""
 

@@ -13,7 +13,7 @@ from sqlalchemy import event
 
 from hie.hub.store import open_resource_store
 from hie.hub.store import sql as store_sql
-from hie.hub.store.port import IdCond, Query, ReferenceCond, TokenCond
+from hie.hub.store.port import IdCond, IndexRows, NewVersion, Query, ReferenceCond, TokenCond
 
 
 def _plan(tmp_path: Path, system: str | None) -> list[str]:
@@ -105,3 +105,32 @@ def test_a_search_by_ids_is_driven_by_the_id_key(tmp_path: Path) -> None:
     plan = _plans_of(tmp_path, lambda store: store.search(query))
     assert any("(rtype=? AND id=?)" in step for step in plan), plan
     assert "SEARCH resources USING INDEX ix_resources_type_rid (rtype=?)" not in plan, plan
+
+
+def test_the_change_marker_reads_the_end_of_an_index_not_every_row(tmp_path: Path) -> None:
+    # the grant of a patient acting for a child asks about Patient: a city's millions of them
+    store = open_resource_store(f"sqlite:///{tmp_path / 'hie.db'}")
+    store.migrate()
+    with store.transaction() as tx:
+        for n in range(3000):
+            tx.write(NewVersion("Patient", f"p{n}", b"{}", IndexRows(), "POST"), 1, 1_000 + n)
+    marker = store.change_marker("Patient")
+    store.close()
+    stmt = store_sql._CHANGE_MARKER.compile(dialect=store_sql._DIALECTS["sqlite"])
+    conn = sqlite3.connect(tmp_path / "hie.db")
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    conn.set_progress_handler(count, 1)  # called once per virtual-machine instruction
+    try:
+        params = [
+            stmt.params[name] if name != "rtype" else "Patient" for name in stmt.positiontup or ()
+        ]
+        row = conn.execute(str(stmt), params).fetchone()
+    finally:
+        conn.close()
+    assert tuple(row) == marker and marker[1] == 1_000 + 2999
+    assert steps[0] < 1_000, steps[0]  # reading the 3,000 rows took 18,000
