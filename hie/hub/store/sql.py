@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import mmap
 import os
 import sqlite3
 import threading
@@ -115,7 +114,6 @@ class SqlResourceStore:
         self._markers: dict[str, tuple[object, tuple[int, int]]] = {}
         self._probe: sqlite3.Connection | None = None
         self._probe_lock = threading.Lock()
-        self._wal_index: mmap.mmap | None = None  # the -shm file's header, mapped read-only
         if self.dialect == "sqlite":
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
             if path and path != ":memory:":
@@ -162,9 +160,6 @@ class SqlResourceStore:
         """Dispose of the connection pool."""
         self.engine.dispose()
         with self._probe_lock:
-            if self._wal_index is not None:
-                self._wal_index.close()
-                self._wal_index = None
             if self._probe is not None:
                 self._probe.close()
                 self._probe = None
@@ -504,9 +499,9 @@ class SqlResourceStore:
         return acked, None if oldest is None else int(oldest)
 
     def change_marker(self, resource_type: str) -> tuple[int, int]:
-        """(newest rid of the type, newest last_updated), from the ends of two indexes. On SQLite the
-        answer is remembered until the database changes (:meth:`_data_version`, a fraction
-        of a microsecond to ask), so a read-mostly hub rarely runs the query."""
+        """(newest rid of the type, newest last_updated), from the ends of two indexes. On
+        SQLite the answer is remembered until the database changes (:meth:`_data_version`, a
+        few microseconds to ask), so a read-mostly hub rarely runs the query."""
         version = self._data_version()
         if version is not None:
             hit = self._markers.get(resource_type)
@@ -520,31 +515,22 @@ class SqlResourceStore:
         return marker
 
     def _data_version(self) -> object | None:
-        """A value that changes whenever any connection commits to the SQLite database
-        (None on PostgreSQL or an in-memory database).
+        """A value that changes whenever another connection commits to the SQLite database
+        (None on PostgreSQL or an in-memory database): ``PRAGMA data_version`` on a
+        connection of our own that never writes (~3 µs).
 
-        It is the WAL index's header (both copies, the first 96 bytes of the ``-shm`` file):
-        SQLite rewrites it at every commit (its change counter and frame count move; see
-        "WAL-mode file format", sqlite.org/walformat.html). Read from a read-only mapping it
-        costs a fraction of a microsecond, takes no lock and never gives the interpreter lock
-        away; ``PRAGMA data_version`` is a statement (a few microseconds in a loop, tens in a
-        busy hub). A connection of our own that never writes keeps the WAL index open, so the
-        mapped file stays the one in use. Read it before what it guards: a commit after the
-        read changes it, so a cached answer is never newer than the version kept with it, and
-        a header read halfway through a commit only looks like one more change. Without a
-        WAL index, ``PRAGMA data_version`` answers."""
+        Not the WAL index's header read from a mapping of the ``-shm`` file, though that
+        costs a fraction of a microsecond: opening and closing a descriptor of that file
+        drops every POSIX lock this process holds on it, SQLite's included. Another process
+        that connects then finds the WAL index unused and re-initialises it, and this
+        process dies of SIGBUS reading the mapping (or its connections read a WAL index they
+        no longer hold a lock on). See "How To Corrupt An SQLite Database File", 2.2."""
         if self.dialect != "sqlite" or self._lock_file is None:
             return None
-        index = self._wal_index
-        if index is not None:
-            return index[:_WAL_INDEX_HEADER]
         with self._probe_lock:
             if self._probe is None:
                 path = self.url.split("///", 1)[1]
                 self._probe = sqlite3.connect(path, check_same_thread=False, timeout=30)
-                version = int(self._probe.execute("PRAGMA data_version").fetchone()[0])
-                self._wal_index = _map_wal_index(path)
-                return version
             return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
 
     def outbox_position(self, consumer: str) -> tuple[int, int]:
@@ -557,32 +543,12 @@ class SqlResourceStore:
         return int(acked or 0), int(newest or 0)
 
 
-_WAL_INDEX_HEADER = 96  # two copies of the 48-byte WalIndexHdr
-
-
 def _by_type(refs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
     """(type, id) pairs → ids per type, each once, in their first order."""
     out: dict[str, list[str]] = {}
     for rtype, rid in dict.fromkeys(refs):
         out.setdefault(rtype, []).append(rid)
     return out
-
-
-def _map_wal_index(path: str) -> mmap.mmap | None:
-    """The WAL index of the SQLite database at ``path``, mapped read-only (None if it has
-    none: not in WAL mode, or not opened yet)."""
-    try:
-        fd = os.open(path + "-shm", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_size < _WAL_INDEX_HEADER:
-            return None
-        return mmap.mmap(fd, _WAL_INDEX_HEADER, prot=mmap.PROT_READ)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 class SqlWriteTx:
