@@ -367,6 +367,7 @@ def create_app(
             SearchIndexer.name,
             settings.index_max_lag_seconds,
             settings.index_lag_wait_seconds,
+            max_waiters=settings.index_lag_max_waiters,
         )
         if (run_worker if index_gate is None else index_gate) and settings.search_url
         else None

@@ -125,6 +125,18 @@ class StorageError(HieError):
     issue = "transient"
 
 
+class Busy(HieError):
+    """The hub holds writes of this kind back for now (``Retry-After`` says how long)."""
+
+    code = "HIE-1501"
+    status = 503
+    issue = "throttled"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
 class BlobNotFound(NotFound):
     """No blob with that key."""
 

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
+from hie.hub.errors import Busy
 from hie.hub.logging import get_logger
 from hie.hub.store.port import OutboxEvent, ResourceStore
 
@@ -164,8 +165,10 @@ class LagGate:
     A writer waits at most ``max_wait`` seconds, and not at all while the consumer has
     been behind for ``stall`` seconds without acknowledging anything (stopped, or failing):
     then writes go ahead and a warning is logged, because storing a document matters more
-    than finding it at once. ``max_lag`` 0 turns the gate off. One reading of the position
-    serves every waiting thread for ``poll`` seconds.
+    than finding it at once. A waiting writer holds a request thread, so at most
+    ``max_waiters`` wait at a time; the next is told :class:`Busy` (HTTP 503 with
+    ``Retry-After``) at once, before anything is stored. ``max_lag`` 0 turns the gate off.
+    One reading of the position serves every waiting thread for ``poll`` seconds.
     """
 
     def __init__(
@@ -175,6 +178,7 @@ class LagGate:
         max_lag: float,
         max_wait: float,
         *,
+        max_waiters: int = 8,
         stall: float = 10.0,
         poll: float = 0.05,
     ) -> None:
@@ -182,8 +186,10 @@ class LagGate:
         self.consumer = consumer
         self.max_lag = max_lag
         self.max_wait = max_wait
+        self.max_waiters = max_waiters
         self.stall = stall
         self.poll = poll
+        self._waiting = 0
         self._lock = threading.Lock()
         self._read_at = float("-inf")
         self._age = 0.0
@@ -195,16 +201,34 @@ class LagGate:
         """Return once a write may go ahead; the seconds it waited."""
         if self.max_lag <= 0:
             return 0.0
+        age, stalled = self._observe()
+        if age <= self.max_lag or stalled:
+            return self._admitted(age, stalled, 0.0)
+        with self._lock:
+            full = self._waiting >= self.max_waiters
+            if not full:
+                self._waiting += 1
+        if full:
+            raise Busy(
+                f"the full-text index is {age:.0f} s behind and {self.max_waiters} writes "
+                "already wait for it: nothing was stored; send this again shortly",
+                retry_after=min(int(age) + 1, int(self.max_wait)),
+            )
         started = time.monotonic()
         waited = 0.0
-        while True:
-            age, stalled = self._observe()
-            if age <= self.max_lag or stalled or waited >= self.max_wait:
-                break
-            time.sleep(self.poll)
-            waited = time.monotonic() - started
-        if waited:
-            LAG_WAIT.labels(self.consumer).inc(waited)
+        try:
+            while age > self.max_lag and not stalled and waited < self.max_wait:
+                time.sleep(self.poll)
+                waited = time.monotonic() - started
+                age, stalled = self._observe()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        LAG_WAIT.labels(self.consumer).inc(waited)
+        return self._admitted(age, stalled, waited)
+
+    def _admitted(self, age: float, stalled: bool, waited: float) -> float:
+        """A write goes ahead; said once in the log if the consumer is still behind."""
         if age > self.max_lag and not self._warned:
             self._warned = True
             log.warning(

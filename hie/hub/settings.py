@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     index_lag_wait_seconds: float = Field(
         default=30.0, description="longest such wait; the write then goes ahead"
     )
+    index_lag_max_waiters: int = Field(
+        default=8, description="writes that may wait at once; the next gets 503 + Retry-After"
+    )
     page_size: int = 50
     max_page_size: int = 1000
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from hie.hub.errors import Busy
 from hie.hub.outbox import LagGate, OutboxWorker
 from hie.hub.store import open_resource_store
 from hie.hub.store.port import IndexRows, NewVersion, OutboxEvent
@@ -330,6 +331,7 @@ def gate(store: Any, **kw: float) -> LagGate:
         "c",
         settings["max_lag"],
         settings["max_wait"],
+        max_waiters=int(settings.get("max_waiters", 8)),
         stall=settings["stall"],
         poll=settings["poll"],
     )
@@ -383,3 +385,22 @@ def test_lag_gate_stops_waiting_for_a_stalled_consumer(store: Any) -> None:
     assert 0.35 <= waited < 2.0
     # still stalled: the next writer is not held at all
     assert g.admit() < 0.1
+
+
+def test_lag_gate_turns_writers_away_once_enough_of_them_wait(store: Any) -> None:
+    write_at(store, "old", now_us() - 60_000_000)
+    (seq,) = [e.seq for e in store.outbox_read("c", 10)]
+    g = gate(store, max_waiters=1)
+    first = threading.Thread(target=g.admit)
+    first.start()
+    deadline = time.monotonic() + 5
+    while g._waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(Busy) as refused:
+        g.admit()  # a second writer is not held: it is told to come back
+    assert refused.value.status == 503
+    assert refused.value.headers == {"Retry-After": "10"}  # no longer than the longest wait
+    store.outbox_ack("c", seq)
+    first.join(5)
+    assert not first.is_alive()
+    assert g.admit() == 0.0
