@@ -95,7 +95,7 @@ def serve(
             _run_without_http(hub)
             return
         if workers == 1:
-            one = create_app(settings, hub)
+            one = create_app(settings, hub, index_gate=True)
             settle_process()
             uvicorn.run(one, **options)  # type: ignore[arg-type]
             return

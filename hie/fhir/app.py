@@ -312,7 +312,7 @@ def app_from_env() -> FastAPI:
 
     settings = load_settings()
     hlog.configure(settings.log_level, settings.log_format)
-    app = create_app(settings, start_worker=False, index_gate=settings.worker)
+    app = create_app(settings, start_worker=False, index_gate=True)
     settle_process()
     return app
 
@@ -356,8 +356,10 @@ def create_app(
     """Build the HTTP app over ``hub`` (opened from settings when not given).
 
     ``index_gate``: document writes wait for the full-text indexer when it falls behind
-    (:class:`LagGate`); on by default when this app runs the outbox worker, and for ``hie
-    serve``'s HTTP workers, whose parent process runs it."""
+    (:class:`LagGate`). ``hie serve`` turns it on wherever the indexer runs (this process,
+    the parent of its HTTP workers, or a separate ``hie worker``; with none at all, writes
+    wait at most the gate's stall time once). Otherwise it is on when this app runs the
+    outbox worker."""
     hub = hub or open_hub(settings)
     background_work(hub)
     run_worker = settings.worker if start_worker is None else start_worker
