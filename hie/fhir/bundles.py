@@ -46,6 +46,7 @@ class _Op:
     if_none_exist: str | None = None
     if_match: int | None = None
     result: dict[str, Any] = field(default_factory=dict)
+    fresh: bool = False  # the id was made up here: no resource can have it yet
 
 
 def _entries(bundle: Any, kind: str) -> list[Any]:
@@ -206,7 +207,11 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
                     raise PreconditionFailed(
                         f"entry {op.index}: conditional update matched {len(found)} resources"
                     )
-                op.id = found[0][1] if found else (op.resource.get("id") or new_id())
+                if found:
+                    op.id = found[0][1]
+                else:
+                    op.fresh = not op.resource.get("id")
+                    op.id = op.resource.get("id") or new_id()
                 if op.full_url:
                     mapping[op.full_url] = f"{op.resource_type}/{op.id}"
 
@@ -281,7 +286,7 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
                 op.result = _response("200 OK", cur)
             elif op.method == "PUT" and op.if_match is None:
                 _check_put_id(op)
-                if tx.current(op.resource_type, op.id or "", for_update=False) is None:
+                if op.fresh or tx.current(op.resource_type, op.id or "", for_update=False) is None:
                     # update-as-create of a new id joins the bulk write (registry loads, demo)
                     new = svc.prepare(
                         op.resource, op.resource_type, op.id or "", 1, when, "PUT", validated=True
