@@ -89,6 +89,24 @@ def _server_sides(port: int) -> dict[int, int]:
     return owners
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by process ``pid`` and every live descendant
+    (a hub's HTTP worker processes), from /proc."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+            used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    tree = {pid}
+    while grown := {p for p, parent in parents.items() if parent in tree} - tree:
+        tree |= grown
+    return sum(used.get(p, 0.0) for p in tree)
+
+
 def balanced_clients(
     base: str, headers: dict[str, str], n: int, workers: int, tries: int = 100
 ) -> list[httpx.Client]:
@@ -121,6 +139,7 @@ def balanced_clients(
 
 
 AUTH: dict[str, dict[str, str]] = {}  # base URL → Authorization header of its hub
+PIDS: dict[str, int] = {}  # base URL → pid of its `hie serve` process
 
 
 @contextlib.contextmanager
@@ -158,6 +177,7 @@ def hub_server(
     # a service token signed with the development key of the hub's data dir
     token = DevTokenIssuer(load_settings(data_dir=data_dir)).issue(role, org=org, ttl=24 * 3600)
     AUTH[base] = {"Authorization": f"Bearer {token}"}
+    PIDS[base] = proc.pid
     try:
         deadline = time.monotonic() + 60
         while True:
