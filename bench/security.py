@@ -199,7 +199,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for kind in ("read", "search"):
         on, off = results["on"][kind], results["off"][kind]
-        row = {}
+        row: dict[str, Any] = {}
         for mode, r in (("on", on), ("off", off)):
             row[mode] = {
                 "p50_ms": pct(r["lat"], 50) * 1000,

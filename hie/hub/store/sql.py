@@ -124,6 +124,10 @@ class SqlResourceStore:
                 connect_args={"check_same_thread": False, "timeout": 30},
                 pool_size=pool_size,
                 max_overflow=pool_size,
+                # the connection used last is warm: its page cache and prepared statements.
+                # A lab message on FIFO turns took a colder one each time (SQL time per
+                # message in process 2.49 -> 2.11 ms, mean of three paired runs)
+                pool_use_lifo=True,
             )
             sqlite_setup.configure(self.engine, sqlite_synchronous, own_begin=True, tuned=True)
         else:
