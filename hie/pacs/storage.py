@@ -62,14 +62,7 @@ from hie.pacs.imaging_study import (
     with_counts,
 )
 from hie.pacs.index import DicomIndex, IndexTx, InstanceRow, StudyRow, connection_of
-from hie.pacs.p10 import (
-    Header,
-    check_dataset,
-    check_pixels,
-    file_meta,
-    header_of,
-    read_header,
-)
+from hie.pacs.p10 import Header, file_meta, instance_header
 from hie.pacs.patients import DicomPatient, IssuerResolver, patient_resource
 from hie.registries.senders import RegisteredMo, SenderRegistry
 
@@ -147,28 +140,23 @@ class StorageService:
 
     def _store(self, rx: Received, mo: RegisteredMo) -> Stored:
         ts = rx.transfer_syntax.strip("\x00 ")
-        has_pixels = check_dataset(rx.dataset, ts)
         sop_class = rx.sop_class_uid.strip("\x00 ")
         sop_uid = rx.sop_instance_uid.strip("\x00 ")
+        hdr = instance_header(rx.dataset, ts, sop_class, sop_uid)
         p10 = file_meta(sop_class, sop_uid, ts) + rx.dataset
-        ds = read_header(p10)
-        check_pixels(ds, has_pixels)
-        hdr = header_of(ds, sop_class, sop_uid)
-        key = hashlib.sha256(p10).hexdigest()
         seen = self.index.instance(hdr.sop_uid)
         if seen is not None:
-            return _again(seen, key, hdr)
+            return _again(seen, hashlib.sha256(p10).hexdigest(), hdr)
         patient = self.issuers.resolve(hdr, mo)
-        # the file is written and synced while the transaction is prepared; the transaction
-        # waits for it before committing (an index row never names a blob not on disk)
-        blob = self._blob_writer.submit(self.blobs.put, p10, expected_sha256=key)
+        # the file is hashed, written and synced while the transaction is prepared; the
+        # transaction waits for it before its instance row (an index row never names a blob
+        # not on disk)
+        blob = self._blob_writer.submit(self.blobs.put, p10)
         try:
             for attempt in range(_ATTEMPTS):
                 try:
                     with acting_as(mo_principal(mo, "dicom")):
-                        done = self._commit(
-                            hdr, ts, rx.calling_ae, mo, patient, key, len(p10), blob
-                        )
+                        done = self._commit(hdr, ts, rx.calling_ae, mo, patient, len(p10), blob)
                     self._endpoint_ready = True
                     if not done.duplicate:
                         log.info(
@@ -202,7 +190,6 @@ class StorageService:
         calling_ae: str,
         mo: RegisteredMo,
         patient: DicomPatient,
-        key: str,
         size: int,
         blob: Future[BlobInfo],
     ) -> Stored:
@@ -211,7 +198,7 @@ class StorageService:
             ix = IndexTx(connection_of(tx))
             seen = ix.instance(hdr.sop_uid)
             if seen is not None:  # stored by another association since we looked
-                return _again(seen, key, hdr)
+                return _again(seen, _durable(blob).key, hdr)
             self._ensure_endpoint(tx, when)
             study = ix.study(hdr.study_uid)
             if study is not None and (study.id_system, study.patient_id) == (
@@ -271,23 +258,6 @@ class StorageService:
                 series_pk = found[0]
             ix.count_instance(study.pk, when, new_series=found is None)
             ix.count_series_instance(series_pk)
-            ix.insert_instance(
-                {
-                    "sop_uid": hdr.sop_uid,
-                    "series_pk": series_pk,
-                    "sop_class_uid": hdr.sop_class_uid,
-                    "instance_number": hdr.instance_number,
-                    "transfer_syntax": ts,
-                    "blob_key": key,
-                    "size": size,
-                    "n_rows": hdr.rows,
-                    "n_columns": hdr.columns,
-                    "n_frames": hdr.frames,
-                    "calling_ae": calling_ae.strip()[:16],
-                    "owner": mo.id,
-                    "received": when,
-                }
-            )
             if found is None:  # a new study or series: the ImagingStudy lists it now
                 series = ix.series_of(study.pk)
                 modalities = sorted({x.modality for x in series if x.modality})
@@ -312,7 +282,26 @@ class StorageService:
                     fresh=new_study,
                     owner=study.owner or mo.id,
                 )
-            _durable(blob)  # the blob is on disk before the rows that name it commit
+            # the blob is on disk before the row that names it (inserted last, so the file's
+            # write and hash overlap the statements before)
+            key = _durable(blob).key
+            ix.insert_instance(
+                {
+                    "sop_uid": hdr.sop_uid,
+                    "series_pk": series_pk,
+                    "sop_class_uid": hdr.sop_class_uid,
+                    "instance_number": hdr.instance_number,
+                    "transfer_syntax": ts,
+                    "blob_key": key,
+                    "size": size,
+                    "n_rows": hdr.rows,
+                    "n_columns": hdr.columns,
+                    "n_frames": hdr.frames,
+                    "calling_ae": calling_ae.strip()[:16],
+                    "owner": mo.id,
+                    "received": when,
+                }
+            )
         return Stored(
             hdr.sop_uid,
             key,
