@@ -16,7 +16,10 @@
 3. **C-STORE** (every storage SOP class pynetdicom knows, in any standard transfer syntax) —
    the dataset exactly as received goes to :class:`~hie.pacs.storage.StorageService`; the
    answer is success only once it is durable, else the failure status its error names
-   (:func:`dimse_status`: the one place errors become statuses), with an Error Comment;
+   (:func:`dimse_status`: the one place errors become statuses), with an Error Comment.
+   The audit trail gets one record per study and association, written before the answer
+   to the study's first instance (as DICOM audits "Instances Transferred", PS3.15
+   A.5.3.2), and one per refused instance;
 4. **storage commitment** (push model, N-ACTION) — answered at once; the result
    (:func:`hie.pacs.commitment.commit`) follows as an N-EVENT-REPORT over a new association
    the hub opens to the caller's registered address, in the SCP role (PS3.4 J.3.3);
@@ -192,7 +195,12 @@ class DicomListener:
         self.senders = senders or storage.senders
         self.ae_title = settings.dicom_ae_title.strip()
         self._callers: weakref.WeakKeyDictionary[Association, Caller] = weakref.WeakKeyDictionary()
-        self._storing: weakref.WeakSet[Association] = weakref.WeakSet()  # stored something
+        # associations that stored something: the studies audited on each, (Study Instance
+        # UID, duplicate?) -- one record per study and association, as DICOM audits
+        # "Instances Transferred" (PS3.15 A.5.3.2), not one per instance
+        self._stored: weakref.WeakKeyDictionary[Association, set[tuple[str, bool]]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
         self._servers: dict[str, ThreadedAssociationServer] = {}  # "plain" / "tls"
         self._reports: set[threading.Thread] = set()
@@ -343,8 +351,7 @@ class DicomListener:
         """An association that stored instances ended: its studies' ImagingStudy counts are
         brought up to date now (the worker's pass would within a second)."""
         with self._lock:
-            stored = event.assoc in self._storing
-            self._storing.discard(event.assoc)
+            stored = self._stored.pop(event.assoc, None) is not None
         if not stored:
             return
         try:
@@ -383,20 +390,24 @@ class DicomListener:
             peer=caller.peer,
         )
         with self._lock:
-            self._storing.add(event.assoc)
+            audited = self._stored.setdefault(event.assoc, set())
         try:
             done = self.storage.store(rx, caller.mo)
         except DicomRefused as err:
             log.info("dicom.store_refused", code=err.code, mo=caller.mo.id)
             self._audit_store(caller, 4, err.dimse_status, reason=err.message)
             return dimse_status(err)
+        study = (done.study_uid, done.duplicate)
+        if study in audited:  # this association's record of the study is written already
+            return SUCCESS
         try:
             self._audit_store(
-                caller, 0, SUCCESS, done.patient_ref, done.imaging_study_id, rx.sop_instance_uid
+                caller, 0, SUCCESS, done.patient_ref, done.imaging_study_id, done.study_uid
             )
         except StorageError as exc:  # stored, but not acknowledged unaudited: a resend is
             log.error("dicom.audit_failed", error=exc.message)  # a duplicate, audited then
             return dimse_status(ArchiveUnavailable("the audit trail is unavailable; retry"))
+        audited.add(study)
         return SUCCESS
 
     def _audit_store(
@@ -406,10 +417,12 @@ class DicomListener:
         status: int,
         patient: str | None = None,
         study: str | None = None,
-        sop_uid: str = "",
+        study_uid: str = "",
         reason: str | None = None,
     ) -> None:
-        """The audit record of one C-STORE, as the caller's MO (before the answer)."""
+        """The audit record of a refused C-STORE, or of the first instance of a study an
+        association stores, as the caller's MO, before the answer (its path names the
+        Study Instance UID)."""
         audit_dimse(
             self.storage.svc,
             subtype="store",
@@ -419,7 +432,7 @@ class DicomListener:
             patients=[patient] if patient else [],
             studies=[study] if study else [],
             reason=reason,
-            detail=sop_uid.strip("\x00 "),
+            detail=study_uid,
             principal=mo_principal(caller.mo, "dicom"),
         )
 

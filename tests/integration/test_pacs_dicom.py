@@ -200,20 +200,24 @@ def test_storescu_sends_a_study_that_appears_as_an_imaging_study(
     # the JPEG instance is kept in the transfer syntax it was sent in
     jrow = running.index.instance(str(jpeg.SOPInstanceUID))
     assert jrow is not None and jrow.transfer_syntax == "1.2.840.10008.1.2.4.50"
-    # each stored instance is audited as the sending MO, about its patient and study
+    # each association's transfer of the study is audited once (DICOM "Instances
+    # Transferred"), as the sending MO, about its patient and study
     records, _ = running.hub.audit.records(subtypes=["store"], count=50)
-    assert len(records) == 6 and {r.outcome for r in records} == {0}
-    assert {(r.agent, r.method, r.source) for r in records} == {
-        (f"dicom:{MO_A}", "DIMSE", "127.0.0.1")
+    assert len(records) == 2 and {r.outcome for r in records} == {0}
+    assert {(r.agent, r.method, r.source, r.path) for r in records} == {
+        (f"dicom:{MO_A}", "DIMSE", "127.0.0.1", f"dicom:store {study}")
     }
     assert {e for r in records for e in r.entities} == {f"ImagingStudy/{row['imaging_study_id']}"}
     assert len({p for r in records for p in r.patients}) == 1
-    # the same files again: every one accepted, nothing changes
+    # the same files again: every one accepted, nothing changes; the resend is audited
+    # once more (as a transfer that stored nothing new)
     again = running.storescu(*files)
     assert again.returncode == 0, again.stderr
     again = running.storescu(jpeg_file, options=("-xy",))
     assert again.returncode == 0, again.stderr
     assert running.index.counts()["dicom_instances"] == 6
+    records, _ = running.hub.audit.records(subtypes=["store"], count=50)
+    assert len(records) == 4 and {r.outcome for r in records} == {0}
 
 
 def test_pynetdicom_statuses_for_good_duplicate_and_conflicting_instances(
