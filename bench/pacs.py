@@ -5,7 +5,9 @@ Generates one study set (``--series`` CT series of ``--per-series`` instances, 5
 ``storescu`` (``TCP_NODELAY=1``, one association per run, as a modality does) to:
 
 - the hub: a real ``hie serve`` process with its DICOM listener (embedded SQLite store and
-  filesystem blobs, every instance durable before its response);
+  filesystem blobs, every instance durable before its response), once as configured by
+  default (each file made durable by one synced append to the blob store's write-ahead
+  journal) and once with ``HIE_DICOM_JOURNAL_MB=0`` (each file put and synced alone);
 - dcmtk's ``storescp`` writing files to disk (the practical ceiling);
 - Orthanc, when its Debian package is installed (``Orthanc`` on the PATH);
 - a pynetdicom SCP that keeps nothing, with stock and with the hub's tuned association loops
@@ -137,21 +139,24 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], deadline: float = 30.0) 
     raise RuntimeError("the server did not listen")
 
 
-def dicom_hub(work: Path, database_url: str, port: int) -> Any:
+def dicom_hub(work: Path, database_url: str, port: int, **env: str) -> Any:
     """A real ``hie serve`` on ``work/hub`` with its DICOM listener on ``port`` (one HTTP
-    worker, no MLLP)."""
-    env = {"HIE_DICOM_PORT": str(port), "HIE_HTTP_WORKERS": "1", "HIE_MLLP_PORT": "0"}
-    return hub_server(work / "hub", database_url, **env)
+    worker, no MLLP; ``env``: more ``HIE_*`` variables)."""
+    env |= {"HIE_DICOM_PORT": str(port), "HIE_HTTP_WORKERS": "1", "HIE_MLLP_PORT": "0"}
+    return hub_server(work, database_url, **env)
 
 
-def run_hub(work: Path, data: Path) -> tuple[float, int]:
-    settings = load_settings(data_dir=work / "hub")
+def run_hub(work: Path, data: Path, **env: str) -> tuple[float, int]:
+    """Seconds a fresh hub in ``work`` takes to receive the study set, and how many
+    instances it then holds."""
+    work.mkdir()
+    settings = load_settings(data_dir=work)
     hub = open_hub(settings)
     hub.store.migrate()
     FhirService(hub.store, settings).transaction(as_transaction(dicom_registry()), "")
     hub.close()
     port = free_port()
-    with dicom_hub(work, settings.database_url, port):
+    with dicom_hub(work, settings.database_url, port, **env):
         took = storescu(port, "HUB", data)
     hub = open_hub(settings)
     try:
@@ -410,7 +415,7 @@ def run_find(studies: int) -> None:
         work = Path(tmp)
         settings, queries = build_index(work, studies)
         port = free_port()
-        with dicom_hub(work, settings.database_url, port):
+        with dicom_hub(work / "hub", settings.database_url, port):
             times = time_finds(port, queries)
     print(f"\nC-FIND, study level, {studies:,} studies, as one MO (access policy in the SQL)")
     print(f"(pynetdicom client polling every {CLIENT_POLL * 1000:g} ms; BENCH_CLIENT_POLL)")
@@ -473,10 +478,13 @@ def main() -> None:
         rows["pynetdicom, stock"] = run_do_nothing(data, "stock")
         rows["pynetdicom, tuned"] = run_do_nothing(data, "tuned")
         rows["pynetdicom, durable"] = run_do_nothing(data, "durable")
-        hub_s, stored = run_hub(work, data)
+        alone_s, alone = run_hub(work / "hub-alone", data, HIE_DICOM_JOURNAL_MB="0")
+        hub_s, stored = run_hub(work / "hub", data)
+        rows["hub, files synced alone"] = alone_s
         rows["hie hub"] = hub_s
-        if stored != len(files):
-            raise RuntimeError(f"the hub stored {stored} of {len(files)} instances")
+        for n in (alone, stored):
+            if n != len(files):
+                raise RuntimeError(f"the hub stored {n} of {len(files)} instances")
     print(f"\n{'receiver':<22}{'seconds':>10}{'instances/s':>14}{'MB/s':>10}")
     for name, secs in rows.items():
         if secs is None:

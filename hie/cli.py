@@ -51,6 +51,7 @@ def serve(
     CPU-bound and Python has one core per process); this process keeps the outbox worker.
     """
     import os
+    import signal
 
     import uvicorn
 
@@ -89,6 +90,9 @@ def serve(
         typer.echo(
             f"  DICOM     {settings.dicom_host}:{dicom.port} (AE title {dicom.ae_title})", err=True
         )
+    # uvicorn handles SIGTERM, shuts down, then raises the signal again: with the default
+    # action that killed this process before the listeners and the hub below were stopped
+    signal.signal(signal.SIGTERM, _exit_quietly)
     try:
         if settings.http_port == 0:
             typer.echo("HIE_HTTP_PORT=0: HTTP listener disabled", err=True)
@@ -116,6 +120,11 @@ def serve(
         if mllp is not None:
             mllp.stop()
         hub.close()
+
+
+def _exit_quietly(_signum: int, _frame: object) -> None:
+    """SIGTERM once uvicorn has shut down: leave through ``serve``'s cleanup, exit status 0."""
+    raise SystemExit(0)
 
 
 def _run_without_http(hub: Hub) -> None:

@@ -11,6 +11,10 @@ import pytest
 
 from tests.fixtures.postgres import PgServer, find_pg_bin, postgres_server
 
+# Every DICOM listener a test starts writes its blob journal in segments written out in full
+# when created; 4 MB ones (instead of 64) keep that small, and rotate often
+os.environ.setdefault("HIE_DICOM_JOURNAL_MB", "4")
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:

@@ -82,6 +82,7 @@ from hie.adapters.tls import certificate_of, server_ssl_context
 from hie.fhir.service import FhirService
 from hie.hub.audit_export import tls_context
 from hie.hub.auth import Forbidden, acting_as
+from hie.hub.blobs.journal import open_journal
 from hie.hub.errors import HieError, StorageError
 from hie.hub.logging import get_logger
 from hie.hub.runtime import Hub
@@ -863,6 +864,8 @@ def start_dicom(hub: Hub) -> DicomListener | None:
         return None
     svc = FhirService(hub.store, settings, search_index=lambda: hub.search_index, trail=hub.audit)
     attach_mpi(svc)
-    listener = DicomListener(settings, StorageService(svc, hub.blobs, hub.rejected))
+    journal = open_journal(hub.blobs, settings.dicom_journal_mb)
+    storage = StorageService(svc, hub.blobs, hub.rejected, journal=journal)
+    listener = DicomListener(settings, storage)
     listener.start()
     return listener

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         default=1.0,
         description="how often the worker brings ImagingStudy instance counts up to the index",
     )
+    dicom_journal_mb: int = Field(
+        default=64,
+        ge=0,
+        description="size of each DICOM intake journal segment (0: every file synced alone)",
+    )
     database_url: str = ""
     blob_url: str = ""
     search_url: str = "embedded"

@@ -13,7 +13,8 @@ naming the DIMSE status to answer. The stages, in order:
    is kept; the second is refused and kept in the rejected-message store);
 3. **identity** — the Patient ID is placed in an identifier system
    (:mod:`hie.pacs.patients`) so two MOs' equal numbers stay two people;
-4. **persist** — the Part 10 file goes to the blob store (content-addressed, synced to disk);
+4. **persist** — the Part 10 file goes to the blob store (content-addressed, synced to disk,
+   or by one synced write to the store's write-ahead journal, :mod:`hie.hub.blobs.journal`);
    then, in **one transaction** as the sending MO: its source Patient (found by its number,
    or created and matched to the golden record by the master patient index), the index rows
    (patient, study, series, instance) and, when the instance starts a study or a series, the
@@ -39,6 +40,7 @@ import orjson
 
 from hie.fhir.service import MPI_SYSTEM, FhirService, lock_criteria, new_id
 from hie.hub.auth import acting_as
+from hie.hub.blobs.journal import BlobJournal
 from hie.hub.blobs.port import BlobInfo, BlobStore
 from hie.hub.errors import HieError, InvalidResource, StorageError, VersionConflict
 from hie.hub.logging import get_logger
@@ -107,9 +109,11 @@ class StorageService:
         blobs: BlobStore,
         rejected: RejectedStore | None = None,
         senders: SenderRegistry | None = None,
+        journal: BlobJournal | None = None,
     ) -> None:
         self.svc = svc
         self.blobs = blobs
+        self.journal = journal  # files durable by one synced append each
         self.rejected = rejected
         self.senders = senders or SenderRegistry(svc.store)
         self.issuers = IssuerResolver(self.senders)
@@ -151,7 +155,7 @@ class StorageService:
         # the file is hashed, written and synced while the transaction is prepared; the
         # transaction waits for it before its instance row (an index row never names a blob
         # not on disk)
-        blob = self._blob_writer.submit(self.blobs.put, p10)
+        blob = self._blob_writer.submit(self._keep_file, p10)
         try:
             for attempt in range(_ATTEMPTS):
                 try:
@@ -177,9 +181,15 @@ class StorageService:
         finally:
             blob.cancel()
 
+    def _keep_file(self, p10: bytes) -> BlobInfo:
+        """The Part 10 file in the blob store, durable when this returns."""
+        return self.journal.keep(p10) if self.journal is not None else self.blobs.put(p10)
+
     def close(self) -> None:
-        """Finish the file writes in hand and stop their threads."""
+        """Finish the file writes in hand and stop their threads (and the journal's)."""
         self._blob_writer.shutdown(wait=True)
+        if self.journal is not None:
+            self.journal.close()
 
     # --- the transaction -------------------------------------------------------------------
 

@@ -313,7 +313,8 @@ def test_a_stalled_association_is_aborted_with_nothing_half_stored(running: Runn
     assert running.echoscu().returncode == 0
 
 
-def test_hie_serve_starts_the_dicom_listener(tmp_path: Path) -> None:
+@pytest.mark.parametrize("http", [False, True], ids=["dicom-only", "with-http"])
+def test_hie_serve_starts_the_dicom_listener_and_stops_cleanly(tmp_path: Path, http: bool) -> None:
     data = tmp_path / "var"
     settings = load_settings(data_dir=data)
     hub = open_hub(settings)
@@ -324,7 +325,8 @@ def test_hie_serve_starts_the_dicom_listener(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HIE_")}
     env |= {
         "HIE_DATA_DIR": str(data),
-        "HIE_HTTP_PORT": "0",
+        "HIE_HTTP_PORT": str(free_port()) if http else "0",
+        "HIE_HTTP_WORKERS": "1",
         "HIE_MLLP_PORT": "0",
         "HIE_DICOM_PORT": str(port),
         "HIE_LOG_LEVEL": "WARNING",
@@ -357,7 +359,8 @@ def test_hie_serve_starts_the_dicom_listener(tmp_path: Path) -> None:
             env=DCMTK_ENV,
         )
         assert echo.returncode == 0, echo.stderr
-        f = write_file(ct_instance(), tmp_path / "one.dcm")
+        ds = ct_instance()
+        f = write_file(ds, tmp_path / "one.dcm")
         store = subprocess.run(
             [dcmtk("storescu") or "", "-aet", AE_A, "-aec", "HUB", "127.0.0.1", str(port), str(f)],
             capture_output=True,
@@ -369,9 +372,15 @@ def test_hie_serve_starts_the_dicom_listener(tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+    # a clean stop: the listeners and the hub were closed, so the blob journal's last
+    # checkpoint put the instance's file in place
+    assert proc.returncode == 0, log.read_text()
     hub = open_hub(settings)
     try:
         assert DicomIndex(hub.store).counts()["dicom_instances"] == 1
+        row = DicomIndex(hub.store).instance(str(ds.SOPInstanceUID))
+        assert row is not None
+        assert hub.blobs.path(row.blob_key).is_file()  # type: ignore[attr-defined]
     finally:
         hub.close()
     assert "DICOM" in log.read_text()

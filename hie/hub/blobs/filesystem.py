@@ -11,16 +11,18 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from hie.hub.blobs.journal import find_pending
 from hie.hub.blobs.port import (
     CHUNK_SIZE,
     BlobInfo,
     BlobSource,
     Digest,
     is_key,
+    iter_chunks,
     validate_key,
     validate_range,
 )
@@ -82,11 +84,14 @@ class FilesystemBlobStore:
         max_bytes: int | None = None,
         expected_sha256: str | None = None,
         expected_size: int | None = None,
+        durable: bool = True,
     ) -> BlobInfo:
         """Stream ``source`` into a temporary file, then rename it to its content address.
 
         See :meth:`hie.hub.blobs.port.BlobStore.put`. The temporary file is removed on every
-        error, including a limit or integrity failure raised while reading.
+        error, including a limit or integrity failure raised while reading. ``durable=False``
+        skips the file's and the directories' fsyncs: for a caller that keeps the bytes
+        durable elsewhere until it calls :meth:`sync` (:mod:`hie.pacs.journal`).
         """
         digest = Digest(
             max_bytes=max_bytes, expected_sha256=expected_sha256, expected_size=expected_size
@@ -101,9 +106,10 @@ class FilesystemBlobStore:
                 for chunk in digest.feed(source):
                     with _storage("writing"):
                         f.write(chunk)
-                with _storage("syncing"):
-                    f.flush()
-                    os.fsync(f.fileno())
+                if durable:
+                    with _storage("syncing"):
+                        f.flush()
+                        os.fsync(f.fileno())
             info = digest.finish()
             final = self.path(info.key)
             with _storage("storing"):
@@ -112,15 +118,38 @@ class FilesystemBlobStore:
                     return info
                 if not final.parent.is_dir():
                     final.parent.mkdir(parents=True, exist_ok=True)
-                    _fsync_dir(final.parent.parent)
-                    _fsync_dir(self._objects)
+                    if durable:
+                        _fsync_dir(final.parent.parent)
+                        _fsync_dir(self._objects)
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                if durable:
+                    _fsync_dir(final.parent)
             return info
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise
+
+    def sync(self, keys: Iterable[str]) -> None:
+        """Make blobs put with ``durable=False`` durable: each file, and the directories
+        naming it (each directory once)."""
+        dirs: set[Path] = set()
+        with _storage("syncing"):
+            for key in dict.fromkeys(keys):
+                path = self.path(key)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:  # deleted since: nothing to keep
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                dirs.update((path.parent, path.parent.parent))
+            for d in sorted(dirs, key=lambda p: -len(p.parts)):  # leaves before their parents
+                _fsync_dir(d)
+            if dirs:
+                _fsync_dir(self._objects)
 
     @staticmethod
     def _already_stored(final: Path, size: int) -> bool:
@@ -138,13 +167,31 @@ class FilesystemBlobStore:
         """
         path = self.path(key)
         validate_range(start, end)
+        f: BinaryIO
         try:
             f = path.open("rb", buffering=0)
         except FileNotFoundError:
-            raise BlobNotFound(f"no blob {key}") from None
+            pending = self._pending(key)
+            if pending is None:
+                raise BlobNotFound(f"no blob {key}") from None
+            if isinstance(pending, bytes):
+                return iter_chunks(pending[start:end])
+            f = pending
         except OSError as exc:
             raise StorageError(f"blob store: opening {key} failed: {exc.strerror}") from exc
         return self._read_range(f, start, end)
+
+    def _pending(self, key: str) -> bytes | BinaryIO | None:
+        """A blob whose file is not in place: its bytes if the write-ahead journal holds
+        them (:mod:`hie.hub.blobs.journal`), else the file after all if a checkpoint put
+        it there meanwhile, else None."""
+        data = find_pending(self._root, key)
+        if data is not None:
+            return data
+        try:
+            return self.path(key).open("rb", buffering=0)
+        except FileNotFoundError:
+            return None
 
     @staticmethod
     def _read_range(f: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
@@ -170,7 +217,13 @@ class FilesystemBlobStore:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise BlobNotFound(f"no blob {key}") from None
+            pending = self._pending(key)
+            if pending is None:
+                raise BlobNotFound(f"no blob {key}") from None
+            if isinstance(pending, bytes):
+                return BlobInfo(key=key, size=len(pending), sha256=key)
+            with pending:
+                size = os.fstat(pending.fileno()).st_size
         except OSError as exc:
             raise StorageError(f"blob store: stat of {key} failed: {exc.strerror}") from exc
         return BlobInfo(key=key, size=size, sha256=key)
@@ -178,7 +231,12 @@ class FilesystemBlobStore:
     def exists(self, key: str) -> bool:
         """Whether a blob with this key is stored."""
         with _storage("stat"):
-            return self.path(key).is_file()
+            if self.path(key).is_file():
+                return True
+            pending = self._pending(key)
+            if pending is not None and not isinstance(pending, bytes):
+                pending.close()
+            return pending is not None
 
     def delete(self, key: str) -> None:
         """Remove a blob (idempotent). Empty fan-out directories stay: puts may be using them."""
