@@ -164,6 +164,7 @@ class BlobJournal:
         self.checkpoint_seconds = checkpoint_seconds
         self._lock = threading.Lock()  # appends, rotation
         self._checkpointing = threading.Lock()  # one checkpoint at a time
+        self._naming = threading.Lock()  # one segment file created at a time
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -235,6 +236,12 @@ class BlobJournal:
         void those segments; returns how many blobs were written."""
         with self._checkpointing:
             with self._lock:
+                spare_needed = self._active.records > 0 and not self._free
+            if spare_needed:  # made here, not under the lock the writers wait on
+                spare = self._new_segment()
+                with self._lock:
+                    self._free.append(spare)
+            with self._lock:
                 if self._active.records:
                     self._closed.append(self._active)
                     self._active = self._take_free()
@@ -293,10 +300,10 @@ class BlobJournal:
         """A segment file written out in full with zeros: its blocks exist, so later writes
         change no metadata and their ``fdatasync`` writes the data alone (allocated but
         unwritten blocks, ``posix_fallocate``, cost about half as much again on this disk)."""
-        taken = {p.name for p in self.dir.glob("segment-*.wal")}
-        n = next(i for i in range(len(taken) + 1) if f"segment-{i:04d}.wal" not in taken)
-        path = self.dir / f"segment-{n:04d}.wal"
-        with _journal("creating a segment"):
+        with self._naming, _journal("creating a segment"):
+            taken = {p.name for p in self.dir.glob("segment-*.wal")}
+            n = next(i for i in range(len(taken) + 1) if f"segment-{i:04d}.wal" not in taken)
+            path = self.dir / f"segment-{n:04d}.wal"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             for pos in range(0, self.segment_bytes, len(_ZEROS)):
                 os.pwrite(fd, _ZEROS[: self.segment_bytes - pos], pos)
