@@ -8,6 +8,7 @@ directory, so a crash leaves either the whole blob or none of it at the final pa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -23,6 +24,7 @@ from hie.hub.blobs.port import (
     Digest,
     is_key,
     iter_chunks,
+    os_errors,
     validate_key,
     validate_range,
 )
@@ -32,13 +34,7 @@ STALE_TEMP_SECONDS = 24 * 3600
 """Temporary files older than this are leftovers of a crashed process and are swept on open."""
 
 
-@contextlib.contextmanager
-def _storage(action: str) -> Iterator[None]:
-    """Turn an ``OSError`` from the filesystem into a :class:`StorageError`."""
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(f"blob store: {action} failed: {exc.strerror or exc}") from exc
+_storage = functools.partial(os_errors, "blob store")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import struct
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hie.hub.blobs.port import BlobInfo
+from hie.hub.blobs.port import BlobInfo, os_errors
 from hie.hub.errors import BlobIntegrityError, StorageError
 from hie.hub.logging import get_logger
 
@@ -57,12 +58,7 @@ _ZEROS = bytes(1 << 20)
 READY_SEGMENTS = 1  # segments made at open; more as writes outrun checkpoints (then reused)
 
 
-@contextlib.contextmanager
-def _journal(action: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        raise StorageError(f"blob journal: {action} failed: {exc.strerror or exc}") from exc
+_journal = functools.partial(os_errors, "blob journal")
 
 
 class JournalBusy(StorageError):

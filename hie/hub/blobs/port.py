@@ -8,6 +8,7 @@ size limit, checking what the sender claimed, validating keys and byte ranges.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from hie.hub.errors import BlobIntegrityError, BlobTooLarge, InvalidRequest
+from hie.hub.errors import BlobIntegrityError, BlobTooLarge, InvalidRequest, StorageError
 
 if TYPE_CHECKING:
     from hie.hub.settings import Settings
@@ -103,6 +104,16 @@ class BlobStore(Protocol):
     def close(self) -> None:
         """Release the backend's resources; the store is unusable afterwards."""
         ...
+
+
+@contextlib.contextmanager
+def os_errors(part: str, action: str) -> Iterator[None]:
+    """Turn an ``OSError`` from the filesystem into a :class:`StorageError` naming the
+    ``part`` of the store and the ``action`` that failed."""
+    try:
+        yield
+    except OSError as exc:
+        raise StorageError(f"{part}: {action} failed: {exc.strerror or exc}") from exc
 
 
 def is_key(value: object) -> bool:
