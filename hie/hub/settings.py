@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     dicom_journal_mb: int = Field(
         default=64,
         ge=0,
-        description="size of each DICOM intake journal segment (0: every file synced alone)",
+        description="segment size of the blob journal received DICOM files go to (0: off)",
     )
     database_url: str = ""
     blob_url: str = ""
