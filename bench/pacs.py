@@ -2,7 +2,9 @@
 
 Generates one study set (``--series`` CT series of ``--per-series`` instances, 512×512
 16-bit, ~0.5 MB each; plus ``--small`` small instances) and sends it with dcmtk's
-``storescu`` (``TCP_NODELAY=1``, one association per run, as a modality does) to:
+``storescu`` (``TCP_NODELAY=1``, one association per run, as a modality does; with
+``--associations N``, N ``storescu`` processes at once, each sending whole studies, as
+several modalities do; ``storescp`` then forks a process per association) to:
 
 - the hub: a real ``hie serve`` process with its DICOM listener (embedded SQLite store and
   filesystem blobs, every instance durable before its response), once as configured by
@@ -69,6 +71,7 @@ from tests.fixtures.dicom import (  # noqa: E402
 )
 
 RESULTS = ROOT / "bench" / "results" / "pacs.jsonl"
+ASSOCIATIONS = 1  # storescu associations at once (--associations)
 FIND_RESULTS = ROOT / "bench" / "results" / "pacs_find.jsonl"
 FIND_TARGET_MS = 50.0
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
@@ -103,24 +106,47 @@ def generate(out: Path, series: int, per_series: int, small: int) -> tuple[list[
 
 
 def storescu(port: int, called: str, directory: Path) -> float:
-    """Seconds ``storescu`` takes to send every file under ``directory`` in one association."""
-    cmd = [
-        dcmtk("storescu") or "storescu",
-        "--scan-directories",
-        "--recurse",
-        "-aet",
-        AE_A,
-        "-aec",
-        called,
-        "127.0.0.1",
-        str(port),
-        str(directory),
-    ]
+    """Seconds ``storescu`` takes to send every file under ``directory``: in one association,
+    or with ``ASSOCIATIONS`` > 1 in that many at once (one ``storescu`` process each, the
+    study directories shared out among them by size), until the last is done."""
+    groups: list[list[Path]] = [[] for _ in range(ASSOCIATIONS)]
+    sizes = [0] * ASSOCIATIONS
+    studies = sorted(
+        (p for p in directory.iterdir() if p.is_dir()),
+        key=lambda p: -sum(f.stat().st_size for f in p.iterdir()),
+    )
+    for study in studies:  # the largest first, each to the least loaded association
+        i = sizes.index(min(sizes))
+        groups[i].append(study)
+        sizes[i] += sum(f.stat().st_size for f in study.iterdir())
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=3600)
+    procs = [
+        subprocess.Popen(
+            [
+                dcmtk("storescu") or "storescu",
+                "--scan-directories",
+                "--recurse",
+                "-aet",
+                AE_A,
+                "-aec",
+                called,
+                "127.0.0.1",
+                str(port),
+                *map(str, group),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for group in groups
+        if group
+    ]
+    errors = [proc.communicate(timeout=3600)[1] for proc in procs]
+    failed = [err for proc, err in zip(procs, errors, strict=True) if proc.returncode]
     took = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed: {done.stderr[-2000:]}")
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-2000:]}")
     return took
 
 
@@ -183,7 +209,10 @@ def run_storescp(work: Path, data: Path) -> float:
     out.mkdir()
     port = free_port()
     exe = dcmtk("storescp") or "storescp"
-    return send_to([exe, "-aet", "STORESCP", "-od", str(out), str(port)], port, "STORESCP", data)
+    fork = ["--fork"] if ASSOCIATIONS > 1 else []  # one process per association at once
+    return send_to(
+        [exe, *fork, "-aet", "STORESCP", "-od", str(out), str(port)], port, "STORESCP", data
+    )
 
 
 def run_orthanc(work: Path, data: Path) -> float | None:
@@ -454,11 +483,19 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=4)
     ap.add_argument("--per-series", type=int, default=200)
     ap.add_argument("--small", type=int, default=500)
+    ap.add_argument(
+        "--associations",
+        type=int,
+        default=1,
+        help="storescu associations at once, each sending whole studies (several modalities)",
+    )
     ap.add_argument("--find", type=int, metavar="STUDIES", help="measure C-FIND instead")
     ap.add_argument(
         "--do-nothing-scp", nargs=3, metavar=("stock|tuned|durable", "PORT", "DIR"), help=SUPPRESS
     )
     args = ap.parse_args()
+    global ASSOCIATIONS
+    ASSOCIATIONS = max(1, args.associations)
     if args.do_nothing_scp:
         mode, port, blob_dir = args.do_nothing_scp
         serve_do_nothing(int(port), mode, blob_dir)
@@ -471,7 +508,10 @@ def main() -> None:
         data = work / "data"
         files, size = generate(data, args.series, args.per_series, args.small)
         mb = size / 1e6
-        print(f"study set: {len(files)} instances, {mb:.1f} MB", flush=True)
+        print(
+            f"study set: {len(files)} instances, {mb:.1f} MB, {ASSOCIATIONS} association(s)",
+            flush=True,
+        )
         rows: dict[str, float | None] = {}
         rows["storescp (disk)"] = run_storescp(work, data)
         rows["Orthanc"] = run_orthanc(work, data)
@@ -502,6 +542,7 @@ def main() -> None:
         {
             "instances": len(files),
             "megabytes": round(mb, 1),
+            "associations": ASSOCIATIONS,
             "seconds": {k: (round(v, 3) if v else None) for k, v in rows.items()},
         },
     )
