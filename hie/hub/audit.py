@@ -543,7 +543,7 @@ class SqlAuditLog:
         every record still pending, so the chain keeps the order records were written in."""
         try:
             with self._sqlite() as cur:
-                while self._chain_pending(cur) == PENDING_BATCH:
+                while len(self._chain_pending(cur)) == PENDING_BATCH:
                     pass
                 _insert_chained(cur, recs, now)
         except sqlite3.Error as exc:
@@ -575,14 +575,15 @@ class SqlAuditLog:
             raise StorageError("the audit trail is unavailable (disk full?)")
         self._index_later()
 
-    def _chain_pending(self, cur: sqlite3.Cursor) -> int:
+    def _chain_pending(self, cur: sqlite3.Cursor) -> list[AuditRecord]:
         """Move up to :data:`PENDING_BATCH` pending records into the chain, inside the
-        caller's write transaction (locks held); how many. A line that does not parse (torn
-        by a failed write, whose request was refused) is skipped with a warning."""
+        caller's write transaction (locks held); the records chained, numbered. A line that
+        does not parse (torn by a failed write, whose request was refused) is skipped with a
+        warning."""
         try:
             f = open(self._pending_path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
-            return 0
+            return []
         except OSError as exc:  # records may wait in it: no answer rather than an incomplete one
             raise StorageError(f"the audit trail's pending file is unreadable: {exc}") from exc
         with f:
@@ -614,7 +615,7 @@ class SqlAuditLog:
             )
         if recs:
             _insert_chained(cur, recs, int(time.time() * 1_000_000))
-        return len(recs)
+        return recs
 
     def _compact_pending(self) -> None:
         """Start the pending file over once it is large and fully chained (caller holds the
@@ -678,7 +679,8 @@ class SqlAuditLog:
 
     def _index_later(self) -> None:
         """Wake (or start) this process's indexer: a record now waits for its references."""
-        self._appended.set()
+        if not self._appended.is_set():  # set() takes a lock and notifies, every request
+            self._appended.set()
         if self._indexer is None:
             with self._cond:
                 if self._indexer is None and not self._closed:
@@ -729,7 +731,8 @@ class SqlAuditLog:
                 if self.dialect == "sqlite":
                     with self._sqlite() as cur:
                         chained = self._chain_pending(cur)
-                        return chained, _index_refs_on(cur, "?")
+                        indexed = _index_chained(cur, chained)
+                        return len(chained), indexed or _index_refs_on(cur, "?")
                 with self.engine.begin() as conn:
                     conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
                     conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300115)")
@@ -950,18 +953,48 @@ def _index_refs_on(cur: Any, mark: str) -> int:
     refs: list[tuple[str, int]] = []
     for seq, body in found:
         rec = orjson.loads(bytes(body))
-        about = dict.fromkeys(f"Patient/{p}" for p in rec.get("patients") or ())
-        if rec.get("subtype") not in PAGE_SUBTYPES:
-            about.update(dict.fromkeys(rec.get("entities") or ()))
-        refs += [(str(r)[:160], int(seq)) for r in about]
+        refs += _refs(int(seq), rec.get("subtype"), rec.get("patients"), rec.get("entities"))
+    _insert_refs(cur, mark, refs, int(found[-1][0]), known=row is not None)
+    return len(found)
+
+
+def _index_chained(cur: sqlite3.Cursor, recs: Sequence[AuditRecord]) -> int:
+    """The audit_ref rows of ``recs``, just chained in this transaction, from the records
+    in hand rather than read back, when every record before them is indexed already; how
+    many records (0 when there is a backlog: :func:`_index_refs_on` takes it in order)."""
+    if not recs:
+        return 0
+    row = cur.execute("SELECT seq FROM audit_ref_position WHERE id = 1").fetchone()
+    if row is None or int(row[0]) != recs[0].seq - 1:
+        return 0
+    refs: list[tuple[str, int]] = []
+    for rec in recs:
+        refs += _refs(rec.seq, rec.subtype, rec.patients, rec.entities)
+    _insert_refs(cur, "?", refs, recs[-1].seq, known=True)
+    return len(recs)
+
+
+def _refs(
+    seq: int, subtype: str | None, patients: Sequence[str] | None, entities: Sequence[str] | None
+) -> list[tuple[str, int]]:
+    """The audit_ref rows of one record: its patients, and unless it is a page of results
+    (:data:`PAGE_SUBTYPES`) the resources it names."""
+    about = dict.fromkeys(f"Patient/{p}" for p in patients or ())
+    if subtype not in PAGE_SUBTYPES:
+        about.update(dict.fromkeys(entities or ()))
+    return [(str(r)[:160], seq) for r in about]
+
+
+def _insert_refs(
+    cur: Any, mark: str, refs: list[tuple[str, int]], last: int, *, known: bool
+) -> None:
+    """Insert ``refs`` and move the indexed position to ``last``."""
     if refs:
         cur.executemany(f"INSERT INTO audit_ref (ref, seq) VALUES ({mark}, {mark})", refs)
-    last = int(found[-1][0])
-    if row:
+    if known:
         cur.execute(f"UPDATE audit_ref_position SET seq = {mark} WHERE id = 1", (last,))
     else:  # not migrated since references were deferred: indexed from the start
         cur.execute(f"INSERT INTO audit_ref_position (id, seq) VALUES (1, {mark})", (last,))
-    return len(found)
 
 
 def chain_hash(prev: str, body: bytes) -> str:

@@ -120,6 +120,32 @@ def test_the_background_thread_chains_what_was_written(
     assert [tuple(r) for r in rows] == [(1,)]
 
 
+def test_references_are_indexed_in_order_whichever_way_records_arrived(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    """Chained records committed directly (MLLP, DICOM) wait for their references; pending
+    records chained after them are indexed from the records in hand only once those are."""
+    trail = _open(tmp_path, trails)
+    trail.append(_rec("p-direct"))  # committed to the chain, references not yet indexed
+    _write(trail, "p-ahead")
+    trail.index_refs()  # backlog first, read back; then the pending records, from memory
+    _write(trail, "p-later")
+    _write(trail, "p-ahead")
+    assert trail.index_refs() == 2  # the two just chained, in the same commit
+    with trail.engine.connect() as conn:
+        refs = conn.exec_driver_sql("SELECT ref, seq FROM audit_ref ORDER BY seq, ref").all()
+        position = conn.exec_driver_sql("SELECT seq FROM audit_ref_position").scalar()
+    assert [tuple(r) for r in refs] == [
+        ("Patient/p-direct", 1),
+        ("Patient/p-ahead", 2),
+        ("Patient/p-later", 3),
+        ("Patient/p-ahead", 4),
+    ]
+    assert position == 4
+    assert _seqs(trail, "p-ahead") == [4, 2]  # newest first
+    assert trail.verify().ok
+
+
 def test_a_numbered_append_waits_in_line_and_comes_after_what_is_pending(
     tmp_path: Path, trails: list[SqlAuditLog]
 ) -> None:
