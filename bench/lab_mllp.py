@@ -80,7 +80,8 @@ def person_pid(n: int) -> dict[int, Any]:
 
 
 def results(n: int, patients: int, seed: int) -> list[bytes]:
-    """``n`` ORU^R01 messages, each a new order of a random registered person."""
+    """``n`` ORU^R01 messages, each a new order (and specimen) of a random registered
+    person."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -93,6 +94,13 @@ def results(n: int, patients: int, seed: int) -> list[bytes]:
                 obr={
                     2: (f"GP-{seed}-{i:07d}", MO_NAMESPACE),
                     3: (f"L-{seed}-{i:07d}", LAB_FACILITY),
+                },
+                spm={  # each sample its own tube (one shared id made every message a new version)
+                    1: "1",
+                    2: ((f"S-{seed}-{i:07d}", LAB_FACILITY),),
+                    4: ("BLD", "Whole blood", "HL70487"),
+                    17: "20250301083000",
+                    18: "20250301091000",
                 },
             )
         )

@@ -172,7 +172,7 @@ class Hl7Listener:
         kind = f"{h.message_code}^{h.trigger_event}" if h else "unreadable"
         first = out.errors[0] if out.errors else None
         try:
-            self.svc.trail.append(
+            self.svc.trail.append_ahead(
                 record_of(
                     note,
                     out.principal,

@@ -172,21 +172,31 @@ def run_transaction(svc: FhirService, bundle: Any, base: str, *, validated: bool
             mapping[op.full_url] = f"{op.resource_type}/{op.id}"
     when = now_us()
     with svc.store.transaction() as tx:
-        # conditional creates and updates decide their target inside the transaction; updates
-        # by one identifier each (a lab report's results) are looked up together, per type
+        # conditional creates and updates decide their target inside the transaction; those
+        # by one identifier each (a lab message's patient, order, report and results) are
+        # looked up together, per type and permission (an update's target among the records
+        # the caller may change, a create's among those it may search)
         by_identifier: dict[int, list[tuple[str, str]]] = {}
-        puts: dict[str, list[_Op]] = {}
+        wanted: dict[tuple[str, str], list[tuple[_Op, list[tuple[str, str]]]]] = {}
         for op in ops:
             if op.method == "PUT" and op.id is None and op.criteria:
-                puts.setdefault(op.resource_type, []).append(op)
-        for rtype, group in puts.items():
-            matched = svc._match_identifiers(tx, rtype, [o.criteria or [] for o in group])
-            for o, hits in zip(group, matched, strict=True):
+                wanted.setdefault((op.resource_type, "u"), []).append((op, op.criteria))
+            elif op.method == "POST" and op.if_none_exist:
+                items = parse_qsl(op.if_none_exist.split("?", 1)[-1], keep_blank_values=True)
+                wanted.setdefault((op.resource_type, "s"), []).append((op, items))
+        for (rtype, permission), group in wanted.items():
+            matched = svc._match_identifiers(tx, rtype, [c for _, c in group], permission)
+            for (o, _), hits in zip(group, matched, strict=True):
                 if hits is not None:
                     by_identifier[o.index] = hits
         for op in sorted(ops, key=lambda o: _ORDER[o.method]):
             if op.method == "POST" and op.if_none_exist:
-                found = svc._match(tx, op.resource_type, op.if_none_exist)
+                known = by_identifier.get(op.index)
+                found = (
+                    known
+                    if known is not None
+                    else svc._match(tx, op.resource_type, op.if_none_exist)
+                )
                 if len(found) > 1:
                     raise PreconditionFailed(
                         f"entry {op.index}: ifNoneExist matched {len(found)} resources"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -97,10 +98,30 @@ def new_id() -> str:
     grows at its right edge instead of dirtying a random page per insert (at a million
     resources that is most of the write-ahead log a commit has to sync)."""
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(_random_bytes(10), "big")
     value = (ms & (2**48 - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
     value |= 0b10 << 62 | rand & (2**62 - 1)
     return str(uuid.UUID(int=value))
+
+
+_RANDOM_LOCK = threading.Lock()
+_random_pool = bytearray()
+
+
+def _random_bytes(n: int) -> bytes:
+    """``n`` bytes from the operating system's generator, fetched 4 KB at a time: a lab
+    message asks for fourteen ids, and each ``os.urandom`` call let another thread take the
+    interpreter lock, which in a busy hub the caller then waited to get back."""
+    with _RANDOM_LOCK:
+        if len(_random_pool) < n:
+            _random_pool.extend(os.urandom(4096))
+        out = bytes(_random_pool[:n])
+        del _random_pool[:n]
+    return out
+
+
+# a forked child must not hand out the bytes its parent has already used or will use
+os.register_at_fork(after_in_child=_random_pool.clear)
 
 
 def content_json(stored: StoredResource) -> Json:
@@ -542,26 +563,35 @@ class FhirService:
         self._delete_in(tx, resource_type, id, when, internal=True)
 
     def _match_identifiers(
-        self, tx: WriteTx, resource_type: str, criteria: list[list[tuple[str, str]]]
+        self,
+        tx: WriteTx,
+        resource_type: str,
+        criteria: list[list[tuple[str, str]]],
+        permission: str = "u",
     ) -> list[list[tuple[str, str]] | None]:
-        """The targets of many conditional updates at once, where each criteria is one
-        ``identifier=sys|value`` (a transaction's updates of a lab report and its results):
-        one query per type. None for criteria of another shape (matched one by one)."""
+        """The targets of many conditional updates (``permission`` ``u``) or creates
+        (``s``) at once, where each criteria is one ``identifier=sys|value`` (a lab message's
+        patient, order, report and results): one query per type. None for criteria of
+        another shape (matched one by one, :meth:`_match`)."""
         tokens: dict[int, tuple[str, str]] = {}
         for i, items in enumerate(criteria):
             if len(items) != 1 or items[0][0] != "identifier":
                 continue
-            conds = parse_search(resource_type, items, default_count=3, max_count=3).query.conds
-            cond = conds[0] if len(conds) == 1 else None
-            if isinstance(cond, TokenCond) and cond.system and cond.code and not cond.negate:
-                tokens[i] = (cond.system, cond.code)
+            token = _plain_token(items[0][1])
+            if token is None:  # escapes, modifiers: the search parser says what it means
+                conds = parse_search(resource_type, items, default_count=3, max_count=3)
+                cond = conds.query.conds[0] if len(conds.query.conds) == 1 else None
+                if isinstance(cond, TokenCond) and cond.system and cond.code and not cond.negate:
+                    token = (cond.system, cond.code)
+            if token is not None:
+                tokens[i] = token
         out: list[list[tuple[str, str]] | None] = [None] * len(criteria)
         if not tokens:
             return out
         # the target of a conditional update is looked for among the records the caller may
         # update (an MO: its own), so another organisation's record with the same identifier
-        # is neither changed nor revealed
-        grant = list(self.grant(resource_type, "u").conds)
+        # is neither changed nor revealed; a conditional create's among those it may search
+        grant = list(self.grant(resource_type, permission).conds)
         if resource_type == "Patient":
             grant.append(TokenCond("_tag", MPI_SYSTEM, "golden", negate=True))
         for system, code in sorted(set(tokens.values())):  # one order: no deadlock
@@ -1109,6 +1139,17 @@ class FhirService:
 
 _PATIENT_LINKS = tuple((t, p) for t, p in PATIENT_COMPARTMENT if t != "Patient")
 _PATIENT_FIELDS = ("subject", "patient", "beneficiary", "for")
+
+
+def _plain_token(value: str) -> tuple[str, str] | None:
+    """``system|code`` with both parts and nothing to unescape, as (system, code); None
+    for anything else (the search parser's business)."""
+    if "\\" in value or "," in value or "$" in value:
+        return None
+    system, bar, code = value.partition("|")
+    if not bar or not system or not code or "|" in code:
+        return None
+    return system, code
 
 
 def lock_criteria(tx: WriteTx, resource_type: str, criteria: Sequence[tuple[str, str]]) -> None:

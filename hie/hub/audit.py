@@ -439,6 +439,16 @@ class SqlAuditLog:
             ) from waiter.error
         return rec
 
+    def append_ahead(self, rec: AuditRecord) -> AuditRecord:
+        """:meth:`append` for a thread that needs no ``seq`` (an MLLP message's record, a
+        DICOM association's): on SQLite written to the pending file like
+        :meth:`append_async`'s records (as durable as the ``synchronous=NORMAL`` commit it
+        replaces, and without waiting for one), chained within :data:`INDEX_SECONDS`."""
+        if self._lock_file is not None:
+            self._write_pending(rec)
+            return rec
+        return self.append(rec)
+
     async def append_async(self, rec: AuditRecord, *, numbered: bool = False) -> AuditRecord:
         """:meth:`append` for a coroutine: waits on its own event loop, not a thread.
 

@@ -472,10 +472,17 @@ class LabIntake:
         """The id of the order with these numbers, preferring one a clinic sent over one
         made from an earlier result. Linking results to orders is the hub's work (like the
         patient index's), so it looks across senders; the reference reveals no content."""
-        numbers = ",".join(_token(n) for n in (placer, filler) if n)  # either (one query)
+        numbers = [(str(n.get("system")), str(n.get("value"))) for n in (placer, filler) if n]
         if not numbers:
             return None
-        found = self._search("ServiceRequest", [("identifier", numbers)], 10)
+        hits = self.svc.store.ids_by_token("ServiceRequest", "identifier", numbers)
+        ids = list(dict.fromkeys(i for n in numbers for i in hits[n]))[:10]
+        if not ids:  # a new order: the usual case, one prepared query
+            return None
+        found = sorted(
+            self.svc.store.read_many([("ServiceRequest", i) for i in ids]),
+            key=lambda r: r.rid or 0,
+        )
         sent = [r for r in found if not _from_result(r)]
         return str((sent or found)[0].id) if found else None
 

@@ -77,7 +77,7 @@ def audit_dimse(
             entities=[f"{STUDY_RESOURCE}/{i}" for i in dict.fromkeys(studies)],
             patients=patients,
         )
-    svc.trail.append(
+    svc.trail.append_ahead(
         record_of(
             note,
             principal or current_principal.get(),

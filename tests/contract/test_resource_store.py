@@ -217,6 +217,35 @@ def test_any_of_several_systems_of_one_token(store: ResourceStore) -> None:
     assert q(AnyOf((tok("urn:placer", "P9"), tok("urn:filler", "F9")))) == []
 
 
+def test_ids_by_token_inside_and_outside_a_transaction(store: ResourceStore) -> None:
+    # an order by its placer or filler number, a result's target by its identifier: exact
+    # (system, code) pairs, each answered on its own, with the caller's conditions applied
+    rows = {
+        "o1": [TokenRow("identifier", "urn:placer", "P1"), TokenRow("status", None, "active")],
+        "o2": [TokenRow("identifier", "urn:filler", "P1")],  # same code, another system
+        "o3": [TokenRow("identifier", "urn:placer", "P3"), TokenRow("status", None, "active")],
+    }
+    for rid, r in rows.items():
+        _put(store, "ServiceRequest", rid, r)  # type: ignore[arg-type]
+    with store.transaction() as tx:  # a deleted order is never found
+        tx.current("ServiceRequest", "o3")
+        tx.write(NewVersion("ServiceRequest", "o3", None, IndexRows(), "DELETE"), 2, now_us())
+    wanted = [("urn:placer", "P1"), ("urn:filler", "P1"), ("urn:placer", "P3"), ("x", "P9")]
+    expect = {wanted[0]: ["o1"], wanted[1]: ["o2"], wanted[2]: [], wanted[3]: []}
+    assert store.ids_by_token("ServiceRequest", "identifier", wanted) == expect
+    with store.transaction() as tx:  # the same lookup sees the transaction's own writes
+        tx.write(_new("ServiceRequest", "o4", [TokenRow("identifier", "x", "P9")]), 1, now_us())
+        inside = tx.ids_by_token("ServiceRequest", "identifier", wanted)
+        assert inside == {**expect, wanted[3]: ["o4"]}
+    active = [TokenCond("status", None, "active")]
+    assert store.ids_by_token("ServiceRequest", "identifier", wanted[:2], active) == {
+        wanted[0]: ["o1"],
+        wanted[1]: [],
+    }
+    assert store.ids_by_token("Patient", "identifier", wanted[:1]) == {wanted[0]: []}
+    assert store.ids_by_token("ServiceRequest", "identifier", []) == {}
+
+
 def test_keyset_paging_sort_and_total(store: ResourceStore) -> None:
     _seed(store)
     seen: list[str] = []

@@ -376,6 +376,61 @@ def test_transaction_urn_uuid_and_conditional_refs(client) -> None:  # type: ign
     assert len(ids(client.get(f"/fhir/Observation?subject={pid}").json())) == 3
 
 
+def test_transaction_conditional_creates_by_identifier(client) -> None:  # type: ignore[no-untyped-def]
+    """Conditional creates by one identifier are looked up together: each finds its own
+    match, an escaped bar is part of the value, and two matches refuse the transaction."""
+
+    def order(value: str) -> dict[str, Any]:
+        return {
+            "resourceType": "ServiceRequest",
+            "status": "active",
+            "intent": "order",
+            "identifier": [{"system": "urn:lab:placer", "value": value}],
+            "subject": {"reference": "urn:uuid:11111111-1111-1111-1111-111111111111"},
+        }
+
+    def entry(n: int, value: str, criteria: str) -> dict[str, Any]:
+        return {
+            "fullUrl": f"urn:uuid:0000000{n}-0000-0000-0000-000000000000",
+            "resource": order(value),
+            "request": {"method": "POST", "url": "ServiceRequest", "ifNoneExist": criteria},
+        }
+
+    pat = {
+        "fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111",
+        "resource": patient(),
+        "request": {
+            "method": "POST",
+            "url": "Patient",
+            "ifNoneExist": "identifier=urn:oid:1.2.643.100.3|112-233-445 95",
+        },
+    }
+    entries = [
+        pat,
+        entry(1, "A-1", "identifier=urn:lab:placer|A-1"),
+        entry(2, "B|2", "identifier=urn:lab:placer|B\\|2"),  # an escaped bar in the value
+    ]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    first = client.post("/fhir", json=bundle, headers=FJ).json()["entry"]
+    assert [e["response"]["status"] for e in first] == ["201 Created"] * 3
+    again = client.post("/fhir", json=bundle, headers=FJ).json()["entry"]
+    assert [e["response"]["status"] for e in again] == ["200 OK"] * 3
+    assert [e["response"]["location"].split("/")[1] for e in again] == [
+        e["response"]["location"].split("/")[1] for e in first
+    ]
+    # a second order with number A-1, then a conditional create that finds both: refused
+    r = client.post(
+        "/fhir/ServiceRequest",
+        json=order("A-1")
+        | {"subject": {"reference": first[0]["response"]["location"].rsplit("/_history", 1)[0]}},
+        headers=FJ,
+    )
+    assert r.status_code == 201, r.text
+    bundle["entry"] = [pat, entry(1, "A-1", "identifier=urn:lab:placer|A-1")]
+    assert_outcome(client.post("/fhir", json=bundle, headers=FJ), 412)
+    assert len(ids(client.get("/fhir/ServiceRequest?identifier=urn:lab:placer|A-1").json())) == 2
+
+
 def test_failed_transaction_leaves_no_trace(client) -> None:  # type: ignore[no-untyped-def]
     before = client.get("/fhir/Observation?_summary=count").json()["total"]
     cases = [

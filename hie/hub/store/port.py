@@ -528,6 +528,16 @@ class ResourceStore(Protocol):
     def search(self, query: Query) -> Page:
         """Run a search, filtering and paging in the database."""
 
+    def ids_by_token(
+        self,
+        resource_type: str,
+        param: str,
+        tokens: Sequence[tuple[str, str]],
+        conds: Sequence[Condition] = (),
+    ) -> dict[tuple[str, str], list[str]]:
+        """:meth:`WriteTx.ids_by_token` on committed data: exact-token lookups (an order by
+        its placer or filler number) with a statement prepared once, not a compiled search."""
+
     def identity_reader(self) -> AbstractContextManager[IdentityIndex]:
         """The identity index for reading outside a write transaction (one snapshot)."""
 

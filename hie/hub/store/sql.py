@@ -240,9 +240,8 @@ class SqlResourceStore:
 
     def read(self, resource_type: str, id: str) -> StoredResource | None:
         """Current version (tombstones included) or None."""
-        stmt = self._current_select().where(R.c.rtype == resource_type, R.c.id == id)
-        with self._read() as conn:
-            row = conn.execute(stmt).first()
+        with self._read() as conn:  # the statement built once (_CURRENT), the key bound
+            row = conn.execute(_CURRENT, {"rtype": resource_type, "id": id}).first()
         return self._row(row) if row else None
 
     def read_where(
@@ -286,6 +285,17 @@ class SqlResourceStore:
         with self._read() as conn:
             row = conn.execute(stmt).first()
         return self._row(row, deleted=row.content is None) if row else None
+
+    def ids_by_token(
+        self,
+        resource_type: str,
+        param: str,
+        tokens: Sequence[tuple[str, str]],
+        conds: Sequence[Condition] = (),
+    ) -> dict[tuple[str, str], list[str]]:
+        """Many token lookups in one prepared query, outside a transaction (see the port)."""
+        with self._read() as conn:
+            return _ids_by_token(conn, self.dialect, resource_type, param, tokens, conds)
 
     def read_many(self, refs: Sequence[tuple[str, str]]) -> list[StoredResource]:
         """Current, non-deleted versions of the given (type, id) pairs."""
@@ -506,17 +516,28 @@ class SqlResourceStore:
         """(newest rid of the type, newest last_updated), from the ends of two indexes. On
         SQLite the answer is remembered until the database changes (:meth:`_data_version`, a
         few microseconds to ask), so a read-mostly hub rarely runs the query."""
-        version = self._data_version()
-        if version is not None:
+        if self.dialect == "sqlite" and self._lock_file is not None:
+            return self._sqlite_marker(resource_type)
+        with self._read() as conn:
+            row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
+        return int(row[0] or 0), int(row[1] or 0)
+
+    def _sqlite_marker(self, resource_type: str) -> tuple[int, int]:
+        """:meth:`change_marker` on SQLite: asked on the connection that watches
+        ``data_version`` (raw, its statements cached by the driver), so the answer and the
+        version it is remembered under come from one connection. Every commit of a busy hub
+        moves the version (a lab message's, an audit's), so the query runs often: through
+        the pool and SQLAlchemy it cost ten times what SQLite takes to answer it."""
+        with self._probe_lock:
+            probe = self._probe_connection()
+            version = int(probe.execute("PRAGMA data_version").fetchone()[0])
             hit = self._markers.get(resource_type)
             if hit is not None and hit[0] == version:
                 return hit[1]
-        with self._read() as conn:
-            row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
-        marker = int(row[0] or 0), int(row[1] or 0)
-        if version is not None:
+            row = probe.execute(_CHANGE_MARKER_SQL, (resource_type, resource_type)).fetchone()
+            marker = int(row[0] or 0), int(row[1] or 0)
             self._markers[resource_type] = (version, marker)
-        return marker
+            return marker
 
     def _data_version(self) -> object | None:
         """A value that changes whenever another connection commits to the SQLite database
@@ -532,10 +553,17 @@ class SqlResourceStore:
         if self.dialect != "sqlite" or self._lock_file is None:
             return None
         with self._probe_lock:
-            if self._probe is None:
-                path = self.url.split("///", 1)[1]
-                self._probe = sqlite3.connect(path, check_same_thread=False, timeout=30)
-            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+            return int(self._probe_connection().execute("PRAGMA data_version").fetchone()[0])
+
+    def _probe_connection(self) -> sqlite3.Connection:
+        """The connection of :meth:`_data_version` (caller holds ``_probe_lock``); it
+        only reads, each statement on its own (autocommit)."""
+        if self._probe is None:
+            path = self.url.split("///", 1)[1]
+            self._probe = sqlite3.connect(
+                path, check_same_thread=False, timeout=30, isolation_level=None
+            )
+        return self._probe
 
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq)."""
@@ -779,18 +807,30 @@ class SqlWriteTx:
         conds: Sequence[Condition] = (),
     ) -> dict[tuple[str, str], list[str]]:
         """Many token lookups in one query (see the port)."""
-        out: dict[tuple[str, str], list[str]] = {t: [] for t in tokens}
-        if not tokens:
-            return out
-        wanted = [(_clip(sys) or "", _clip(code) or "") for sys, code in tokens]
-        back = dict(zip(wanted, tokens, strict=True))
-        stmt = _ids_by_token_stmt(self.store.dialect, resource_type, param, tuple(conds))
-        codes = sorted({c for _, c in wanted})
-        for row in self.conn.execute(stmt, {"codes": codes}):
-            key = back.get((row.system or "", row.code))
-            if key is not None and row.id not in out[key]:
-                out[key].append(row.id)
+        return _ids_by_token(self.conn, self.store.dialect, resource_type, param, tokens, conds)
+
+
+def _ids_by_token(
+    conn: Connection,
+    dialect: str,
+    resource_type: str,
+    param: str,
+    tokens: Sequence[tuple[str, str]],
+    conds: Sequence[Condition],
+) -> dict[tuple[str, str], list[str]]:
+    """``ids_by_token`` of the store and of a write transaction, on ``conn``."""
+    out: dict[tuple[str, str], list[str]] = {t: [] for t in tokens}
+    if not tokens:
         return out
+    wanted = [(_clip(sys) or "", _clip(code) or "") for sys, code in tokens]
+    back = dict(zip(wanted, tokens, strict=True))
+    stmt = _ids_by_token_stmt(dialect, resource_type, param, tuple(conds))
+    codes = sorted({c for _, c in wanted})
+    for row in conn.execute(stmt, {"codes": codes}):
+        key = back.get((row.system or "", row.code))
+        if key is not None and row.id not in out[key]:
+            out[key].append(row.id)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)
@@ -830,6 +870,10 @@ _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:name, 0))"
 _CHANGE_MARKER = select(
     select(func.max(R.c.rid)).where(R.c.rtype == bindparam("rtype")).scalar_subquery(),
     select(func.max(R.c.last_updated)).where(R.c.rtype == bindparam("rtype")).scalar_subquery(),
+)
+_CHANGE_MARKER_SQL = (  # the same, for the driver directly (SQLite's probe connection)
+    "SELECT (SELECT max(rid) FROM resources WHERE rtype = ?), "
+    "(SELECT max(last_updated) FROM resources WHERE rtype = ?)"
 )
 _INSERT_RESOURCE = insert(R).returning(R.c.rid)
 _INSERT_HISTORY = insert(H)
