@@ -311,7 +311,7 @@ def start_mllp(hub: Hub) -> MllpListener | None:
     mpi = attach_mpi(svc)
     if mpi is None:
         raise ValueError("the MLLP listener needs the master patient index (HIE_MPI_ENABLED)")
-    handler = Hl7Listener(svc, mpi, hub.rejected)
+    handler = Hl7Listener(svc, mpi, hub.rejected, workers=settings.mllp_workers)
     return MllpListener(serve_in_thread(mllp_server_from_settings(settings, handler)), handler)
 
 

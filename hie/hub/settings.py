@@ -36,6 +36,13 @@ class Settings(BaseSettings):
         default=30.0,
         description="an MLLP connection silent (or stalled mid-frame) this long is closed",
     )
+    mllp_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="threads applying MLLP messages; the writes of those finishing together "
+        "share one commit",
+    )
     mllp_tls_cert: str = Field(default="", description="PEM server certificate: MLLP over TLS")
     mllp_tls_key: str = Field(default="", description="PEM private key of that certificate")
     mllp_tls_client_ca: str = Field(
