@@ -120,8 +120,15 @@ def _random_bytes(n: int) -> bytes:
     return out
 
 
-# a forked child must not hand out the bytes its parent has already used or will use
-os.register_at_fork(after_in_child=_random_pool.clear)
+def _after_fork() -> None:
+    """A forked child must not hand out the bytes its parent has used or will use, nor
+    inherit the lock held by a parent's thread that does not exist in the child."""
+    global _RANDOM_LOCK
+    _RANDOM_LOCK = threading.Lock()
+    _random_pool.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def content_json(stored: StoredResource) -> Json:

@@ -320,20 +320,25 @@ def test_injection_attempts_are_just_values(client) -> None:  # type: ignore[no-
     assert len(ids(client.get("/fhir/Patient").json())) == 2
 
 
+def _patient_once() -> dict[str, Any]:
+    """A transaction entry creating :func:`patient` unless their SNILS is known."""
+    return {
+        "fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111",
+        "resource": patient(),
+        "request": {
+            "method": "POST",
+            "url": "Patient",
+            "ifNoneExist": "identifier=urn:oid:1.2.643.100.3|112-233-445 95",
+        },
+    }
+
+
 def test_transaction_urn_uuid_and_conditional_refs(client) -> None:  # type: ignore[no-untyped-def]
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
         "entry": [
-            {
-                "fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111",
-                "resource": patient(),
-                "request": {
-                    "method": "POST",
-                    "url": "Patient",
-                    "ifNoneExist": "identifier=urn:oid:1.2.643.100.3|112-233-445 95",
-                },
-            },
+            _patient_once(),
             {
                 "fullUrl": "urn:uuid:22222222-2222-2222-2222-222222222222",
                 "resource": obs("x")
@@ -396,15 +401,7 @@ def test_transaction_conditional_creates_by_identifier(client) -> None:  # type:
             "request": {"method": "POST", "url": "ServiceRequest", "ifNoneExist": criteria},
         }
 
-    pat = {
-        "fullUrl": "urn:uuid:11111111-1111-1111-1111-111111111111",
-        "resource": patient(),
-        "request": {
-            "method": "POST",
-            "url": "Patient",
-            "ifNoneExist": "identifier=urn:oid:1.2.643.100.3|112-233-445 95",
-        },
-    }
+    pat = _patient_once()
     entries = [
         pat,
         entry(1, "A-1", "identifier=urn:lab:placer|A-1"),
