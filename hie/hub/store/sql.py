@@ -49,7 +49,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql.expression import FromClause
 
 from hie.hub import sqlite_setup
-from hie.hub.errors import InvalidRequest, StorageError, VersionConflict
+from hie.hub.errors import HieError, InvalidRequest, StorageError, VersionConflict
 from hie.hub.store import schema as s
 from hie.hub.store.port import (
     AllOf,
@@ -108,6 +108,13 @@ def _normalise_url(url: str) -> str:
 GROUP_MAX = 32
 GROUP_SECONDS = 0.05
 GROUP_WAIT_SECONDS = 300  # a writer waiting for its group's commit (a stuck one: an error)
+
+
+def _write_error(exc: IntegrityError | OperationalError) -> HieError:
+    """What a write transaction's caller hears when the database refused or failed it."""
+    if isinstance(exc, IntegrityError):
+        return VersionConflict("a concurrent write created or changed the same resource")
+    return StorageError(f"database unavailable: {exc.orig}")
 
 
 @dataclass(eq=False)
@@ -209,12 +216,8 @@ class SqlResourceStore:
             try:
                 with conn.begin():
                     yield SqlWriteTx(self, conn)
-            except IntegrityError as exc:
-                raise VersionConflict(
-                    "a concurrent write created or changed the same resource"
-                ) from exc
-            except OperationalError as exc:
-                raise StorageError(f"database unavailable: {exc.orig}") from exc
+            except (IntegrityError, OperationalError) as exc:
+                raise _write_error(exc) from exc
             finally:
                 conn.info.pop("hie_write", None)
 
@@ -271,13 +274,9 @@ class SqlResourceStore:
                     self._close_group(group, commit=True)
         finally:
             self._write_lock.release()
+        if isinstance(failure, IntegrityError | OperationalError):
+            raise _write_error(failure) from failure
         if failure is not None:
-            if isinstance(failure, IntegrityError):
-                raise VersionConflict(
-                    "a concurrent write created or changed the same resource"
-                ) from failure
-            if isinstance(failure, OperationalError):
-                raise StorageError(f"database unavailable: {failure.orig}") from failure
             raise failure
         if not group.done.wait(timeout=GROUP_WAIT_SECONDS):
             raise StorageError("the write transaction's group did not commit in time")
@@ -301,7 +300,7 @@ class SqlResourceStore:
             if self._lock_file is not None:
                 fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             if isinstance(exc, OperationalError):
-                raise StorageError(f"database unavailable: {exc.orig}") from exc
+                raise _write_error(exc) from exc
             raise
         self._group = _Group(conn, trans, time.monotonic())
         return self._group
