@@ -111,14 +111,13 @@ def storescu(port: int, called: str, directory: Path) -> float:
     study directories shared out among them by size), until the last is done."""
     groups: list[list[Path]] = [[] for _ in range(ASSOCIATIONS)]
     sizes = [0] * ASSOCIATIONS
-    studies = sorted(
-        (p for p in directory.iterdir() if p.is_dir()),
-        key=lambda p: -sum(f.stat().st_size for f in p.iterdir()),
-    )
-    for study in studies:  # the largest first, each to the least loaded association
-        i = sizes.index(min(sizes))
+    study_bytes = {
+        p: sum(f.stat().st_size for f in p.iterdir()) for p in directory.iterdir() if p.is_dir()
+    }
+    for study in sorted(study_bytes, key=lambda p: -study_bytes[p]):
+        i = sizes.index(min(sizes))  # the largest first, each to the least loaded association
         groups[i].append(study)
-        sizes[i] += sum(f.stat().st_size for f in study.iterdir())
+        sizes[i] += study_bytes[study]
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(

@@ -87,7 +87,7 @@ class FilesystemBlobStore:
         See :meth:`hie.hub.blobs.port.BlobStore.put`. The temporary file is removed on every
         error, including a limit or integrity failure raised while reading. ``durable=False``
         skips the file's and the directories' fsyncs: for a caller that keeps the bytes
-        durable elsewhere until it calls :meth:`sync` (:mod:`hie.pacs.journal`).
+        durable elsewhere until it calls :meth:`sync` (:mod:`hie.hub.blobs.journal`).
         """
         digest = Digest(
             max_bytes=max_bytes, expected_sha256=expected_sha256, expected_size=expected_size

@@ -45,6 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import RootTransaction
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.sql.expression import FromClause
 
@@ -122,7 +123,7 @@ class _Group:
     """Writers sharing one SQLite transaction, and the commit they wait for."""
 
     conn: Connection
-    trans: Any
+    trans: RootTransaction
     opened: float
     members: int = 0
     done: threading.Event = field(default_factory=threading.Event)
