@@ -35,6 +35,7 @@ from hie.fhir.dates import format_instant
 from hie.fhir.search import escape_value, parse_search
 from hie.hub.audit import AccessNote, AuditRecord
 from hie.hub.auth import Forbidden, Principal
+from hie.hub.memo import IdentityMemo
 from hie.hub.policy import (
     ACT_CODE,
     CARE_ROLES,
@@ -60,6 +61,9 @@ from hie.hub.store.sql import now_us
 Json = dict[str, Any]
 NOTIFICATION_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/notification"
 # Where a resource type keeps the codes that can make it sensitive (top-level elements).
+# what a remembered grant depends on besides the policy table (and the date)
+_CONSENT_SOURCES = ("Consent",)
+_ACTS_FOR_SOURCES = ("Consent", "RelatedPerson", "Patient")
 _CODED = ("code", "reasonCode", "conclusionCode", "category", "type", "diagnosis")
 
 
@@ -190,6 +194,7 @@ class Access:
         self._denials: dict[str | None, tuple[object, Denials]] = {}
         self._proxies: dict[str, tuple[object, frozenset[str]]] = {}
         self._grants: dict[tuple[Principal, str | None, str], tuple[object, Grant]] = {}
+        self._recent: IdentityMemo[tuple[object, Grant]] = IdentityMemo(10_000)
 
     def grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
         """The policy's grant for ``p``, with the Consents and proxies that concern it.
@@ -205,11 +210,15 @@ class Access:
         acts_for = bool(p.person and p.patient and p.person != p.patient)
         if not (consents or acts_for):
             return self.policy.grant(p, resource_type, permission)
-        sources = ("Consent", "RelatedPerson", "Patient") if acts_for else ("Consent",)
-        generation = (date.today(), *(self.store.change_marker(t) for t in sources))
+        sources = _ACTS_FOR_SOURCES if acts_for else _CONSENT_SOURCES
+        generation = (date.today(), *map(self.store.change_marker, sources))
         key = (p, resource_type, permission)
-        with self._lock:
-            hit = self._grants.get(key)
+        hit = self._recent.get((resource_type, permission), p)  # the token cache's principal
+        if hit is None:
+            with self._lock:
+                hit = self._grants.get(key)
+            if hit is not None:  # an equal principal of another token, or of the same again
+                self._recent.put(hit, (resource_type, permission), p)
         if hit is not None and hit[0] == generation:
             return hit[1]
         grant = self.policy.grant(
@@ -223,6 +232,7 @@ class Access:
             if len(self._grants) > 10_000:
                 self._grants.clear()
             self._grants[key] = (generation, grant)
+            self._recent.put((generation, grant), (resource_type, permission), p)
         return grant
 
     # --- consents ---------------------------------------------------------------------------

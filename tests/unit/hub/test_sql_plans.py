@@ -48,7 +48,8 @@ def test_a_token_probe_with_a_system_uses_the_whole_lookup_key(tmp_path: Path) -
 
 
 def _plans_of(tmp_path: Path, call: Callable[[Any], object]) -> list[str]:
-    """The query plan of every statement ``call(store)`` runs, step by step."""
+    """The query plan of every statement ``call(store)`` runs, step by step (through the
+    engine or the store's lean reads)."""
     store = open_resource_store(f"sqlite:///{tmp_path / 'hie.db'}")
     store.migrate()
     seen: list[tuple[str, Any]] = []
@@ -58,6 +59,15 @@ def _plans_of(tmp_path: Path, call: Callable[[Any], object]) -> list[str]:
             seen.append((statement, params))
 
     event.listen(store.engine, "before_cursor_execute", note)
+    lean = store._lean  # the reads that bypass the engine
+    if lean is not None:
+        run = lean.rows
+
+        def rows(statement: str, params: Any) -> list[Any]:
+            seen.append((statement, list(params)))
+            return run(statement, params)
+
+        lean.rows = rows  # type: ignore[method-assign]
     try:
         call(store)
     finally:
