@@ -131,6 +131,15 @@ class _Group:
     error: BaseException | None = None
 
 
+class _LeanConnection(sqlite3.Connection):
+    """A connection of :class:`_LeanReads`, with the change markers it answered, each under
+    its own ``PRAGMA data_version`` (whose values compare only on one connection)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.markers: dict[str, tuple[int, tuple[int, int]]] = {}
+
+
 class _LeanReads:
     """SQLite connections of the store's own for reads of one statement each, without
     SQLAlchemy around them. A point read through the engine (pool checkout, ``BEGIN`` through
@@ -144,28 +153,55 @@ class _LeanReads:
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()
-        self.idle: list[sqlite3.Connection] = []
+        self.idle: list[_LeanConnection] = []
         self.closed = False
 
     def rows(self, sql: str, params: Sequence[object]) -> list[Any]:
         """The rows of one SELECT."""
-        if self.pid != os.getpid():  # never use a parent's connection after a fork
-            self.idle, self.pid = [], os.getpid()
-        try:
-            conn = self.idle.pop()  # atomic: no lock needed
-        except IndexError:
-            conn = self._open()
+        conn = self._take()
         try:
             return conn.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
             raise StorageError(f"database unavailable: {exc}") from exc
         finally:
-            if self.closed or len(self.idle) >= self.IDLE_MAX:
-                conn.close()
-            else:
-                self.idle.append(conn)
+            self._give(conn)
 
-    def _open(self) -> sqlite3.Connection:
+    def marker(self, resource_type: str) -> tuple[int, int]:
+        """The store's :meth:`~SqlResourceStore.change_marker`, remembered per connection
+        until ``PRAGMA data_version`` says another connection committed (a few µs to ask).
+        The version is read before the marker, so a commit between the two only makes the
+        next call ask again. Each connection is its own watcher: one shared watcher behind a
+        lock made the threads of a busy hub queue for it."""
+        conn = self._take()
+        try:
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+            hit = conn.markers.get(resource_type)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+            row = conn.execute(_CHANGE_MARKER_SQL, (resource_type, resource_type)).fetchone()
+            marker = int(row[0] or 0), int(row[1] or 0)
+            conn.markers[resource_type] = (version, marker)
+            return marker
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"database unavailable: {exc}") from exc
+        finally:
+            self._give(conn)
+
+    def _take(self) -> _LeanConnection:
+        if self.pid != os.getpid():  # never use a parent's connection after a fork
+            self.idle, self.pid = [], os.getpid()
+        try:
+            return self.idle.pop()  # atomic: no lock needed
+        except IndexError:
+            return self._open()
+
+    def _give(self, conn: _LeanConnection) -> None:
+        if self.closed or len(self.idle) >= self.IDLE_MAX:
+            conn.close()
+        else:
+            self.idle.append(conn)
+
+    def _open(self) -> _LeanConnection:
         try:
             conn = sqlite3.connect(
                 self.path,
@@ -173,6 +209,7 @@ class _LeanReads:
                 timeout=30,
                 isolation_level=None,
                 cached_statements=256,
+                factory=_LeanConnection,
             )
             for pragma in sqlite_setup.LEAN_READ_PRAGMAS:
                 conn.execute(pragma)
@@ -198,13 +235,10 @@ class SqlResourceStore:
         self._group: _Group | None = None
         self._lock_file: int | None = None
         self._gap_marks: dict[tuple[str, int], int] = {}
-        self._markers: dict[str, tuple[object, tuple[int, int]]] = {}
         # a grant's read statement, and the same as SQL for the driver (:meth:`read_where`)
         self._where_stmts: IdentityMemo[
             tuple[Select[Any], tuple[str, list[tuple[str, object]]] | None]
         ] = IdentityMemo()
-        self._probe: sqlite3.Connection | None = None
-        self._probe_lock = threading.Lock()
         self._lean: _LeanReads | None = None
         if self.dialect == "sqlite":
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
@@ -258,10 +292,6 @@ class SqlResourceStore:
         self.engine.dispose()
         if self._lean is not None:
             self._lean.close()
-        with self._probe_lock:
-            if self._probe is not None:
-                self._probe.close()
-                self._probe = None
         if self._lock_file is not None:
             os.close(self._lock_file)
             self._lock_file = None
@@ -747,33 +777,17 @@ class SqlResourceStore:
         """(newest rid of the type, newest last_updated), from the ends of two indexes. On
         SQLite the answer is remembered until the database changes (:meth:`_data_version`, a
         few microseconds to ask), so a read-mostly hub rarely runs the query."""
-        if self.dialect == "sqlite" and self._lock_file is not None:
-            return self._sqlite_marker(resource_type)
+        if self._lean is not None:
+            return self._lean.marker(resource_type)
         with self._read() as conn:
             row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
         return int(row[0] or 0), int(row[1] or 0)
 
-    def _sqlite_marker(self, resource_type: str) -> tuple[int, int]:
-        """:meth:`change_marker` on SQLite: asked on the connection that watches
-        ``data_version`` (raw, its statements cached by the driver), so the answer and the
-        version it is remembered under come from one connection. Every commit of a busy hub
-        moves the version (a lab message's, an audit's), so the query runs often: through
-        the pool and SQLAlchemy it cost ten times what SQLite takes to answer it."""
-        with self._probe_lock:
-            probe = self._probe_connection()
-            version = int(probe.execute("PRAGMA data_version").fetchone()[0])
-            hit = self._markers.get(resource_type)
-            if hit is not None and hit[0] == version:
-                return hit[1]
-            row = probe.execute(_CHANGE_MARKER_SQL, (resource_type, resource_type)).fetchone()
-            marker = int(row[0] or 0), int(row[1] or 0)
-            self._markers[resource_type] = (version, marker)
-            return marker
-
     def _data_version(self) -> object | None:
         """A value that changes whenever another connection commits to the SQLite database
-        (None on PostgreSQL or an in-memory database): ``PRAGMA data_version`` on a
-        connection of our own that never writes (~3 µs).
+        (None on PostgreSQL or an in-memory database): ``PRAGMA data_version`` on one of the
+        store's read-only connections (~3 µs), comparable only with what the same
+        connection answered (:meth:`_LeanReads.marker` keeps them apart).
 
         Not the WAL index's header read from a mapping of the ``-shm`` file, though that
         costs a fraction of a microsecond: opening and closing a descriptor of that file
@@ -781,20 +795,9 @@ class SqlResourceStore:
         that connects then finds the WAL index unused and re-initialises it, and this
         process dies of SIGBUS reading the mapping (or its connections read a WAL index they
         no longer hold a lock on). See "How To Corrupt An SQLite Database File", 2.2."""
-        if self.dialect != "sqlite" or self._lock_file is None:
+        if self._lean is None:
             return None
-        with self._probe_lock:
-            return int(self._probe_connection().execute("PRAGMA data_version").fetchone()[0])
-
-    def _probe_connection(self) -> sqlite3.Connection:
-        """The connection of :meth:`_data_version` (caller holds ``_probe_lock``); it
-        only reads, each statement on its own (autocommit)."""
-        if self._probe is None:
-            path = self.url.split("///", 1)[1]
-            self._probe = sqlite3.connect(
-                path, check_same_thread=False, timeout=30, isolation_level=None
-            )
-        return self._probe
+        return int(self._lean.rows("PRAGMA data_version", ())[0][0])
 
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq)."""
@@ -1115,7 +1118,7 @@ _CHANGE_MARKER = select(
     select(func.max(R.c.rid)).where(R.c.rtype == bindparam("rtype")).scalar_subquery(),
     select(func.max(R.c.last_updated)).where(R.c.rtype == bindparam("rtype")).scalar_subquery(),
 )
-_CHANGE_MARKER_SQL = (  # the same, for the driver directly (SQLite's probe connection)
+_CHANGE_MARKER_SQL = (  # the same, for the driver directly (the lean reads, _LeanReads.marker)
     "SELECT (SELECT max(rid) FROM resources WHERE rtype = ?), "
     "(SELECT max(last_updated) FROM resources WHERE rtype = ?)"
 )
