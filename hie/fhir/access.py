@@ -61,7 +61,10 @@ from hie.hub.store.sql import now_us
 Json = dict[str, Any]
 NOTIFICATION_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/notification"
 # Where a resource type keeps the codes that can make it sensitive (top-level elements).
-# what a remembered grant depends on besides the policy table (and the date)
+# a remembered grant: the types whose changes it depends on (none: the policy table alone),
+# their change markers and the date when it was made, and the grant
+_Remembered = tuple[tuple[str, ...], object, Grant]
+# what a remembered grant may depend on besides the policy table (and the date)
 _CONSENT_SOURCES = ("Consent",)
 _ACTS_FOR_SOURCES = ("Consent", "RelatedPerson", "Patient")
 _CODED = ("code", "reasonCode", "conclusionCode", "category", "type", "diagnosis")
@@ -193,14 +196,26 @@ class Access:
         self._consents: tuple[object, list[_Consent]] | None = None
         self._denials: dict[str | None, tuple[object, Denials]] = {}
         self._proxies: dict[str, tuple[object, frozenset[str]]] = {}
-        self._grants: dict[tuple[Principal, str | None, str], tuple[object, Grant]] = {}
-        self._recent: IdentityMemo[tuple[object, Grant]] = IdentityMemo(10_000)
+        # (principal, type, permission) -> (what it depends on, under which generation, grant)
+        self._grants: dict[tuple[Principal, str | None, str], _Remembered] = {}
+        self._recent: IdentityMemo[_Remembered] = IdentityMemo(10_000)
 
     def grant(self, p: Principal, resource_type: str | None, permission: str) -> Grant:
         """The policy's grant for ``p``, with the Consents and proxies that concern it.
         A grant that depends on them is remembered until a Consent (for a patient acting
         for someone: also a RelatedPerson or Patient) changes, or the day does (a Consent's
-        period ends on a date); the others are the policy table alone, computed each time."""
+        period ends on a date); the others are the policy table's alone, remembered as they
+        are. The token cache hands a principal's requests one object, so they find their
+        grant by its identity (:class:`~hie.hub.memo.IdentityMemo`) before its value."""
+        kind = (resource_type, permission)
+        hit = self._recent.get(kind, p)
+        if hit is None:
+            with self._lock:
+                hit = self._grants.get((p, resource_type, permission))
+        if hit is not None:
+            sources, generation, grant = hit
+            if not sources or generation == self._generation(sources):
+                return grant
         consents = (
             permission in "rs"
             and p.has_role(*CARE_ROLES)
@@ -208,19 +223,8 @@ class Access:
             and category(resource_type or "Patient") == "clinical"
         )
         acts_for = bool(p.person and p.patient and p.person != p.patient)
-        if not (consents or acts_for):
-            return self.policy.grant(p, resource_type, permission)
-        sources = _ACTS_FOR_SOURCES if acts_for else _CONSENT_SOURCES
-        generation = (date.today(), *map(self.store.change_marker, sources))
-        key = (p, resource_type, permission)
-        hit = self._recent.get((resource_type, permission), p)  # the token cache's principal
-        if hit is None:
-            with self._lock:
-                hit = self._grants.get(key)
-            if hit is not None:  # an equal principal of another token, or of the same again
-                self._recent.put(hit, (resource_type, permission), p)
-        if hit is not None and hit[0] == generation:
-            return hit[1]
+        sources = _ACTS_FOR_SOURCES if acts_for else _CONSENT_SOURCES if consents else ()
+        generation = self._generation(sources) if sources else None
         grant = self.policy.grant(
             p,
             resource_type,
@@ -228,12 +232,19 @@ class Access:
             denied=self.denials(p.org) if consents else Denials(),
             proxy_for=self.proxy_for(p.person) if acts_for and p.person else frozenset(),
         )
+        entry = (sources, generation, grant)
         with self._lock:
             if len(self._grants) > 10_000:
                 self._grants.clear()
-            self._grants[key] = (generation, grant)
-            self._recent.put((generation, grant), (resource_type, permission), p)
+            self._grants[(p, resource_type, permission)] = entry
+        self._recent.put(entry, kind, p)
         return grant
+
+    def _generation(self, sources: tuple[str, ...]) -> tuple[object, ...]:
+        """What a grant depending on ``sources`` is remembered under: the date, and their
+        change markers (read before the grant is made, so a change meanwhile only makes the
+        next request make it again)."""
+        return (date.today(), *map(self.store.change_marker, sources))
 
     # --- consents ---------------------------------------------------------------------------
 

@@ -239,6 +239,7 @@ class SqlResourceStore:
         self._where_stmts: IdentityMemo[
             tuple[Select[Any], tuple[str, list[tuple[str, object]]] | None]
         ] = IdentityMemo()
+        self._pid_lists: IdentityMemo[list[int]] = IdentityMemo()
         self._lean: _LeanReads | None = None
         if self.dialect == "sqlite":
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
@@ -669,6 +670,13 @@ class SqlResourceStore:
         """Distinct (type, id) targets referenced by ``rids`` through the given params."""
         if not rids:
             return []
+        if self._lean is not None:
+            pids = [] if params is None else self._param_ids(params)
+            sql = _REFERENCES_SQL.format(
+                rids=",".join("?" * len(rids)),
+                pids=f" AND pid IN ({','.join('?' * len(pids))})" if params is not None else "",
+            )
+            return [(t, i) for t, i in self._lean.rows(sql, [*rids, *pids])]
         x = s.idx_reference
         stmt = select(x.c.target_type, x.c.target_id).where(x.c.rid.in_(list(rids)))
         if params is not None:
@@ -676,6 +684,14 @@ class SqlResourceStore:
         stmt = stmt.where(x.c.target_type != "").distinct()
         with self._read() as conn:
             return [(r.target_type, r.target_id) for r in conn.execute(stmt)]
+
+    def _param_ids(self, params: Sequence[tuple[str, str]]) -> list[int]:
+        """The parameter ids of (type, param) pairs; a recurring tuple of them (a compartment's
+        links) is looked up by identity."""
+        ids = self._pid_lists.get("", params)
+        if ids is None:
+            ids = self._pid_lists.put([param_id(t, p) for t, p in params], "", params)
+        return ids
 
     def referencing(
         self, targets: Sequence[tuple[str, str]], source_type: str, param: str | None, limit: int
@@ -1104,6 +1120,10 @@ _CURRENT_COLUMNS = (
     "resource_history.last_updated, resources.deleted, resource_history.content, "
     "resource_history.method FROM resources JOIN resource_history ON "
     "resource_history.rid = resources.rid AND resource_history.version = resources.version"
+)
+_REFERENCES_SQL = (  # references_from: distinct targets of some rows, through some params
+    "SELECT DISTINCT target_type, target_id FROM idx_reference "
+    "WHERE rid IN ({rids}){pids} AND target_type != ''"
 )
 _CURRENT_SQL = f"{_CURRENT_COLUMNS} WHERE resources.rtype = ? AND resources.id = ?"
 _MANY_SQL = (
