@@ -60,13 +60,13 @@ from hie.hub.store.sql import now_us
 
 Json = dict[str, Any]
 NOTIFICATION_SYSTEM = "https://hie.spb.ru/fhir/CodeSystem/notification"
-# Where a resource type keeps the codes that can make it sensitive (top-level elements).
-# a remembered grant: the types whose changes it depends on (none: the policy table alone),
-# their change markers and the date when it was made, and the grant
+# A remembered grant: the types whose changes it depends on (none: the policy table alone),
+# their change markers and the date when it was made, and the grant.
 _Remembered = tuple[tuple[str, ...], object, Grant]
-# what a remembered grant may depend on besides the policy table (and the date)
+# What a remembered grant may depend on besides the policy table (and the date).
 _CONSENT_SOURCES = ("Consent",)
 _ACTS_FOR_SOURCES = ("Consent", "RelatedPerson", "Patient")
+# Where a resource type keeps the codes that can make it sensitive (top-level elements).
 _CODED = ("code", "reasonCode", "conclusionCode", "category", "type", "diagnosis")
 
 

@@ -672,11 +672,16 @@ class SqlResourceStore:
             return []
         if self._lean is not None:
             pids = [] if params is None else self._param_ids(params)
-            sql = _REFERENCES_SQL.format(
-                rids=",".join("?" * len(rids)),
-                pids=f" AND pid IN ({','.join('?' * len(pids))})" if params is not None else "",
-            )
-            return [(t, i) for t, i in self._lean.rows(sql, [*rids, *pids])]
+            found: dict[tuple[str, str], None] = {}
+            for chunk in _chunks(list(rids), 400):
+                sql = _REFERENCES_SQL.format(
+                    rids=",".join("?" * len(chunk)),
+                    pids=f" AND pid IN ({','.join('?' * len(pids))})" if params is not None else "",
+                )
+                found.update(
+                    dict.fromkeys((t, i) for t, i in self._lean.rows(sql, [*chunk, *pids]))
+                )
+            return list(found)
         x = s.idx_reference
         stmt = select(x.c.target_type, x.c.target_id).where(x.c.rid.in_(list(rids)))
         if params is not None:
