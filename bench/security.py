@@ -122,9 +122,10 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=5_000)
     ap.add_argument("--clients", type=int, default=4)
     # many short turns: on this 2-core machine a turn's throughput varies by ±20 % (which
-    # worker process accepts which keep-alive connection, other load), so the hubs alternate often
+    # worker process accepts which keep-alive connection, other load), so the hubs alternate
+    # often; 16 rounds (since 2026-11-24; 8 before): runs of 8 differed by up to 14 points
     ap.add_argument("--requests", type=int, default=250, help="per client, per kind, per round")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
