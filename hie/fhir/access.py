@@ -212,6 +212,8 @@ class Access:
         if hit is None:
             with self._lock:
                 hit = self._grants.get((p, resource_type, permission))
+            if hit is not None:  # an equal principal (another token of the same person)
+                self._recent.put(hit, kind, p)
         if hit is not None:
             sources, generation, grant = hit
             if not sources or generation == self._generation(sources):
