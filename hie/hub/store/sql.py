@@ -240,8 +240,6 @@ class SqlResourceStore:
             tuple[Select[Any], tuple[str, list[tuple[str, object]]] | None]
         ] = IdentityMemo()
         self._pid_lists: IdentityMemo[list[int]] = IdentityMemo()
-        # a grant's condition with its care relationships taken as met, and their checks
-        self._care_plans: IdentityMemo[tuple[Condition, list[str]]] = IdentityMemo()
         self._lean: _LeanReads | None = None
         if self.dialect == "sqlite":
             path = self.url.split("///", 1)[1] if "///" in self.url else ""
@@ -637,21 +635,21 @@ class SqlResourceStore:
     def search(self, query: Query) -> Page:
         """Filter, sort and page in SQL; keyset paging on (sort values…, rid)."""
         compiler = _Compiler(self.dialect, query.resource_type)
+        where = compiler.where(query.conds)
         base_filter = [R.c.deleted == false()]
         if query.resource_type:
             base_filter.append(R.c.rtype == query.resource_type)
         sort_exprs = [compiler.sort_expr(k) for k in query.sort]
         keys = [*sort_exprs, (R.c.rid, False)]
+        stmt = self._current_select().add_columns(*(e for e, _ in sort_exprs))
+        stmt = stmt.where(*base_filter, *where)
+        if query.after is not None:
+            if len(query.after) != len(keys):
+                raise InvalidRequest("the paging cursor does not fit this search")
+            stmt = stmt.where(_keyset_after(keys, query.after))
+        stmt = stmt.order_by(*(e.desc() if d else e.asc() for e, d in keys)).limit(query.count + 1)
         with self._read() as conn:
-            where = compiler.where(self._within_care(conn, query))
-            stmt = self._current_select().add_columns(*(e for e, _ in sort_exprs))
-            stmt = stmt.where(*base_filter, *where)
-            if query.after is not None:
-                if len(query.after) != len(keys):
-                    raise InvalidRequest("the paging cursor does not fit this search")
-                stmt = stmt.where(_keyset_after(keys, query.after))
-            stmt = stmt.order_by(*(e.desc() if d else e.asc() for e, d in keys))
-            rows = conn.execute(stmt.limit(query.count + 1)).all()
+            rows = conn.execute(stmt).all()
             total = None
             if query.total:
                 cstmt = select(func.count()).select_from(R).where(*base_filter, *where)
@@ -665,80 +663,6 @@ class SqlResourceStore:
             n_base = len(self._COLS) + 1
             next_after = [last[n_base + i] for i in range(len(sort_exprs))] + [last.rid]
         return Page(items=items, next_after=next_after, total=total)
-
-    def _within_care(self, conn: Connection, query: Query) -> Sequence[Condition]:
-        """``query.conds``, with a grant's care relationship (:class:`RelatedCond` on
-        patients) taken as met when the search is limited to one patient who has it.
-
-        Checked per row, the relationship is found again for every row of the same patient
-        (~15 µs a row in SQLite). A search with ``subject=Patient/X`` (or another of the
-        condition's links), expanded or not to X's identity group, returns only rows that
-        reference X's group through that link; if X (through its group) has one of the
-        relationships, each of those rows satisfies the condition. So X is checked once, here
-        in the search's own read transaction, and the condition is left out of the query.
-        Only where it must hold (under AND and OR, never under NOT); everything else in the
-        grant (what the MO owns, Consent denials) stays in the query."""
-        rt = query.resource_type
-        if rt is None or not any(_of_policy(c) for c in query.conds):
-            return query.conds
-        scopes = [
-            c
-            for c in query.conds
-            if isinstance(c, ReferenceCond) and c.target_type == "Patient" and c.target_id
-        ]
-        if not scopes:
-            return query.conds
-        out: list[Condition] = []
-        for c in query.conds:
-            if _of_policy(c):
-                for scope in scopes:
-                    met = self._care_met(conn, c, rt, scope)
-                    if met is not None:
-                        c = met
-                        break
-            out.append(c)
-        return out
-
-    def _care_met(
-        self, conn: Connection, c: Condition, rt: str, scope: ReferenceCond
-    ) -> Condition | None:
-        """``c`` with its care relationships taken as met, if ``scope``'s patient has every
-        one of them (None otherwise, or when ``c`` has none that ``scope`` settles)."""
-        plan = self._care_plans.get((rt, scope.param), c)
-        if plan is None:
-            related: list[RelatedCond] = []
-            met = _assume_related(c, rt, scope.param, related)
-            checks = [self._relation_check(r) for r in dict.fromkeys(related)]
-            plan = self._care_plans.put((met, checks), (rt, scope.param), c)
-        met, checks = plan
-        if not checks:
-            return None
-        owner = {"owner": scope.target_id}
-        for sql in checks:
-            if self.dialect == "sqlite":  # the driver's own connection, in this transaction
-                raw = conn.connection.driver_connection
-                assert raw is not None
-                held = raw.execute(sql, owner).fetchone()[0]
-            else:
-                held = conn.exec_driver_sql(sql, owner).scalar()
-            if not held:
-                return None
-        return met
-
-    def _relation_check(self, r: RelatedCond) -> str:
-        """SQL for the driver: whether one owner (the named parameter ``owner``) has one of
-        ``r``'s relationships, through its identity group too. Its constants are rendered in
-        it, as in a grant's clause (:func:`_policy_clause`)."""
-        mark = ":owner" if self.dialect == "sqlite" else "%(owner)s"
-        check = _Compiler(self.dialect, None)._has_relation(r, literal_column(mark))
-        sql = str(
-            select(check).compile(
-                dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}
-            )
-        )
-        if self.dialect != "sqlite":  # pyformat: the compiler wrote the mark's % as %%
-            sql = sql.replace("%%(owner)s", "%(owner)s")
-        return sql
 
     def references_from(
         self, rids: Sequence[int], params: Sequence[tuple[str, str]] | None
@@ -1649,25 +1573,6 @@ def _of_policy(c: Condition) -> bool:
 
 
 _POLICY_CLAUSES: IdentityMemo[ColumnElement[bool]] = IdentityMemo(4096)
-
-
-_ALWAYS = AllOf(())  # a condition every row meets
-
-
-def _assume_related(c: Condition, rt: str, param: str, related: list[RelatedCond]) -> Condition:
-    """``c`` with each patient :class:`RelatedCond` that has ``(rt, param)`` among its links
-    replaced by a condition every row meets, where it must hold (inside AND and OR only);
-    those replaced are added to ``related``."""
-    if isinstance(c, RelatedCond):
-        if c.owner_type == "Patient" and (rt, param) in c.links:
-            related.append(c)
-            return _ALWAYS
-        return c
-    if isinstance(c, AnyOf):
-        return AnyOf(tuple(_assume_related(x, rt, param, related) for x in c.conds))
-    if isinstance(c, AllOf):
-        return AllOf(tuple(_assume_related(x, rt, param, related) for x in c.conds))
-    return c  # a Not, or any other condition: as it is
 
 
 @functools.lru_cache(maxsize=4096)
