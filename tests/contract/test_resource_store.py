@@ -369,6 +369,33 @@ def test_related_condition_follows_relationships_and_identity_groups(store: Reso
     rule = AnyOf((OwnerCond("mo1"), AllOf((care, not_p1b))))
     assert sorted(_ids(store.search(Query("Observation", [rule], count=10)))) == ["o0", "o9"]
 
+    # searches limited to one patient: the same rows as the whole store would give them
+    mine_or_care = AnyOf((OwnerCond("mo1"), care))
+
+    def scoped(pid: str, expand: bool, grant: object = mine_or_care) -> list[str]:
+        about = ReferenceCond(subj, "Patient", pid, expand=expand)
+        page = store.search(Query("Observation", [about, grant], count=10, total=True))  # type: ignore[list-item]
+        assert page.total == len(page.items)
+        return sorted(_ids(page))
+
+    assert scoped("p1", True) == ["o0", "o3", "o4"]  # in care: the whole identity group
+    assert scoped("p1b", False) == ["o3", "o4"]  # in care through its group
+    assert scoped("p2", True) == []  # the visit is over
+    assert scoped("p3", True) == ["o9"]  # another MO's patient: only what mo1 wrote
+    assert scoped("p1", True, rule) == ["o0"]  # the other conditions still apply
+    _put(  # p1's visit ends: the next search sees it at once
+        store,
+        "Encounter",
+        "e1",
+        [
+            ReferenceRow(subj, "Patient", "p1"),
+            ReferenceRow("service-provider", "Organization", "mo1"),
+            TokenRow("status", None, "finished"),
+        ],
+    )
+    assert scoped("p1", True) == []
+    assert scoped("p1b", False) == []
+
 
 def test_change_marker_moves_on_every_change_of_its_type(store: ResourceStore) -> None:
     empty = store.change_marker("Consent")
