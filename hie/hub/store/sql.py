@@ -171,7 +171,14 @@ class _LeanReads:
         until ``PRAGMA data_version`` says another connection committed (a few µs to ask).
         The version is read before the marker, so a commit between the two only makes the
         next call ask again. Each connection is its own watcher: one shared watcher behind a
-        lock made the threads of a busy hub queue for it."""
+        lock serialised a busy hub's threads on it.
+
+        Not the WAL index's header read from a mapping of the ``-shm`` file, though that
+        costs a fraction of a microsecond: opening and closing a descriptor of that file
+        drops every POSIX lock this process holds on it, SQLite's included. Another process
+        that connects then finds the WAL index unused and re-initialises it, and this
+        process dies of SIGBUS reading the mapping (or its connections read a WAL index they
+        no longer hold a lock on). See "How To Corrupt An SQLite Database File", 2.2."""
         conn = self._take()
         try:
             version = int(conn.execute("PRAGMA data_version").fetchone()[0])
@@ -796,29 +803,13 @@ class SqlResourceStore:
 
     def change_marker(self, resource_type: str) -> tuple[int, int]:
         """(newest rid of the type, newest last_updated), from the ends of two indexes. On
-        SQLite the answer is remembered until the database changes (:meth:`_data_version`, a
-        few microseconds to ask), so a read-mostly hub rarely runs the query."""
+        SQLite the answer is remembered until the database changes (:meth:`_LeanReads.marker`,
+        a few microseconds to ask), so a read-mostly hub rarely runs the query."""
         if self._lean is not None:
             return self._lean.marker(resource_type)
         with self._read() as conn:
             row = conn.execute(_CHANGE_MARKER, {"rtype": resource_type}).one()
         return int(row[0] or 0), int(row[1] or 0)
-
-    def _data_version(self) -> object | None:
-        """A value that changes whenever another connection commits to the SQLite database
-        (None on PostgreSQL or an in-memory database): ``PRAGMA data_version`` on one of the
-        store's read-only connections (~3 µs), comparable only with what the same
-        connection answered (:meth:`_LeanReads.marker` keeps them apart).
-
-        Not the WAL index's header read from a mapping of the ``-shm`` file, though that
-        costs a fraction of a microsecond: opening and closing a descriptor of that file
-        drops every POSIX lock this process holds on it, SQLite's included. Another process
-        that connects then finds the WAL index unused and re-initialises it, and this
-        process dies of SIGBUS reading the mapping (or its connections read a WAL index they
-        no longer hold a lock on). See "How To Corrupt An SQLite Database File", 2.2."""
-        if self._lean is None:
-            return None
-        return int(self._lean.rows("PRAGMA data_version", ())[0][0])
 
     def outbox_position(self, consumer: str) -> tuple[int, int]:
         """(acknowledged seq, newest seq)."""

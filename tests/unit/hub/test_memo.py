@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 from hie.hub.memo import IdentityMemo
 
 
@@ -20,14 +23,28 @@ def test_an_equal_but_other_object_is_a_miss() -> None:
     assert memo.get("k", [1, 2, 3]) is None  # equal by value, another object
 
 
-def test_a_reused_id_is_never_taken_for_the_old_object() -> None:
+def test_an_entry_whose_objects_are_others_is_a_miss() -> None:
+    # a probe by id alone would answer for another object that had the same id
     memo: IdentityMemo[str] = IdentityMemo()
-    kept = object()
+    kept, other = object(), object()
     memo.put("kept", "k", kept)
-    # the memo holds ``kept``, so no new object can have its id while the entry lives
-    others = [object() for _ in range(1000)]
-    assert all(memo.get("k", o) is None for o in others)
+    memo._memo[("k", id(other))] = ((kept,), "forged")  # the same id, another object
+    assert memo.get("k", other) is None
     assert memo.get("k", kept) == "kept"
+
+
+def test_it_keeps_its_objects_alive_so_their_ids_are_not_reused() -> None:
+    memo: IdentityMemo[str] = IdentityMemo()
+
+    class Conds:
+        pass
+
+    conds = Conds()
+    ref = weakref.ref(conds)
+    memo.put("stmt", "k", conds)
+    del conds
+    gc.collect()
+    assert ref() is not None
 
 
 def test_it_stays_bounded() -> None:
