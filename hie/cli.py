@@ -107,6 +107,9 @@ def serve(
             background_work(hub)
             hub.start_worker()
         os.environ["HIE_WORKER"] = "false"  # the worker processes must not start their own
+        # nor chain the audit records their requests write ahead: this process does
+        os.environ["HIE_AUDIT_CHAIN"] = "false"
+        hub.audit.keep_chained()
         settle_process()  # this process keeps the listeners and the outbox worker
         uvicorn.run(
             "hie.fhir.app:app_from_env",

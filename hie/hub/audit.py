@@ -28,8 +28,11 @@ What each record is about (``audit_ref``: one row per patient concerned and, exc
 search's page of results, per resource named; what ``AuditEvent?patient=`` and ``?entity=``
 look up) is derived from the records and written **after** them, in batches
 (:meth:`SqlAuditLog.index_refs`, which first moves pending records into the chain): by a
-thread of each process that appends, at least every :data:`INDEX_SECONDS`, and by every
+thread of each process that appends (``hie serve``'s HTTP workers leave it to their parent
+process, :meth:`SqlAuditLog.keep_chained`), at least every :data:`INDEX_SECONDS`, and by every
 reader before it looks, so a reader always sees every record written before its query.
+Rows go in as multi-row INSERTs: the driver lets go of the interpreter lock for each
+statement, and taking it back from a thread serving requests cost more than the insert.
 Writing a record's ten-odd index rows at random places in the index, one commit per record,
 cost five times as much as the record itself.
 
@@ -92,6 +95,7 @@ PENDING_COMPACT = 8 << 20  # bytes: a fully chained pending file this large star
 # names the query and the patient, not each result); the page stays in the record.
 PAGE_SUBTYPES = frozenset({"search", "history", "everything"})
 MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
+ROWS_PER_INSERT = 500  # rows of one multi-row INSERT (5 columns: 2,500 parameters)
 
 meta = MetaData()
 audit_log = Table(
@@ -351,8 +355,12 @@ def audit_url(database_url: str, configured: str = "") -> str:
 class SqlAuditLog:
     """The trail on SQLite or PostgreSQL (see module docstring)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, chain: bool = True) -> None:
         self.url = url
+        # whether this process chains what it writes ahead, in a thread of its own (off in
+        # ``hie serve``'s HTTP workers: their parent does it, :meth:`keep_chained`)
+        self._chains = chain
+        self._polls = False
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
         if self.dialect == "sqlite":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -687,8 +695,19 @@ class SqlAuditLog:
 
     # --- what records are about (audit_ref), written after them ------------------------------
 
+    def keep_chained(self) -> None:
+        """Chain and index, every :data:`INDEX_SECONDS`, whatever any process wrote: for a
+        process that leaves it to another (``chain=False``). ``hie serve`` with several HTTP
+        workers runs this in its own process, so that the workers' interpreters, which
+        serve the requests, spend no time on it (a batch in the same process also made
+        requests wait for the interpreter lock while it ran)."""
+        self._chains = self._polls = True
+        self._index_later()
+
     def _index_later(self) -> None:
         """Wake (or start) this process's indexer: a record now waits for its references."""
+        if not self._chains:
+            return
         if not self._appended.is_set():  # set() takes a lock and notifies, every request
             self._appended.set()
         if self._indexer is None:
@@ -711,6 +730,8 @@ class SqlAuditLog:
             if stopping:
                 return
             self._stopping.wait(INDEX_SECONDS)  # close() wakes it for one last pass
+            if self._polls:
+                self._appended.set()
 
     def index_refs(self) -> int:
         """Chain every pending record (SQLite) and write the audit_ref rows of every record
@@ -924,10 +945,7 @@ def _insert_chained(cur: sqlite3.Cursor, recs: Sequence[AuditRecord], now: int) 
     """Number and link ``recs`` after the last record and insert them (SQLite, inside the
     caller's write transaction)."""
     last = cur.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    cur.executemany(
-        "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
-        _chain(recs, last, now),
-    )
+    _insert_rows(cur, "?", f"audit_log ({', '.join(_LOG_COLS)})", _chain(recs, last, now))
 
 
 def _size(path: Path) -> int:
@@ -1000,11 +1018,23 @@ def _insert_refs(
 ) -> None:
     """Insert ``refs`` and move the indexed position to ``last``."""
     if refs:
-        cur.executemany(f"INSERT INTO audit_ref (ref, seq) VALUES ({mark}, {mark})", refs)
+        _insert_rows(cur, mark, "audit_ref (ref, seq)", refs)
     if known:
         cur.execute(f"UPDATE audit_ref_position SET seq = {mark} WHERE id = 1", (last,))
     else:  # not migrated since references were deferred: indexed from the start
         cur.execute(f"INSERT INTO audit_ref_position (id, seq) VALUES (1, {mark})", (last,))
+
+
+def _insert_rows(cur: Any, mark: str, into: str, rows: Sequence[Sequence[object]]) -> None:
+    """Insert ``rows`` with few statements (``into``: the table and its columns; ``mark``:
+    the driver's parameter marker)."""
+    for i in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[i : i + ROWS_PER_INSERT]
+        row = "(" + ",".join([mark] * len(chunk[0])) + ")"
+        cur.execute(
+            f"INSERT INTO {into} VALUES " + ",".join([row] * len(chunk)),
+            [v for r in chunk for v in r],
+        )
 
 
 def chain_hash(prev: str, body: bytes) -> str:
@@ -1016,6 +1046,7 @@ def _record(body: bytes) -> AuditRecord:
     return AuditRecord(**orjson.loads(body))
 
 
-def open_audit_log(database_url: str, configured: str = "") -> SqlAuditLog:
-    """The audit trail for a hub whose resource store is at ``database_url``."""
-    return SqlAuditLog(audit_url(database_url, configured))
+def open_audit_log(database_url: str, configured: str = "", *, chain: bool = True) -> SqlAuditLog:
+    """The audit trail for a hub whose resource store is at ``database_url`` (``chain``: see
+    :class:`SqlAuditLog`)."""
+    return SqlAuditLog(audit_url(database_url, configured), chain=chain)

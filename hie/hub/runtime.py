@@ -73,7 +73,9 @@ class Hub:
     @cached_property
     def audit(self) -> SqlAuditLog:
         """The audit trail (its tables are created on first use)."""
-        trail = open_audit_log(self.settings.database_url, self.settings.audit_url)
+        trail = open_audit_log(
+            self.settings.database_url, self.settings.audit_url, chain=self.settings.audit_chain
+        )
         trail.migrate()
         return trail
 

@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     audit_url: str = Field(
         default="", description="audit trail database (default: audit.db beside a SQLite store)"
     )
+    audit_chain: bool = Field(
+        default=True,
+        description="this process chains the audit records it writes ahead (off in hie serve's "
+        "HTTP worker processes: their parent does it)",
+    )
     audit_syslog_url: str = Field(
         default="",
         description="export the audit trail to a syslog/ATNA collector: udp://, tcp:// or tls://host:port",

@@ -8,17 +8,25 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hie.hub import audit
 from hie.hub.audit import AuditRecord, SqlAuditLog, open_audit_log
+from hie.hub.auth import DevTokenIssuer
 from hie.hub.errors import StorageError
+from hie.hub.settings import load_settings
 
 
 @pytest.fixture
@@ -118,6 +126,93 @@ def test_the_background_thread_chains_what_was_written(
             time.sleep(0.05)
         rows = conn.exec_driver_sql("SELECT seq FROM audit_log").all()
     assert [tuple(r) for r in rows] == [(1,)]
+
+
+def _chained(tmp_path: Path) -> list[tuple[int, int]]:
+    """(seq, audit_ref rows) of each chained record, read without chaining anything."""
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        return conn.execute(
+            "SELECT l.seq, (SELECT count(*) FROM audit_ref r WHERE r.seq = l.seq) "
+            "FROM audit_log l ORDER BY l.seq"
+        ).fetchall()
+
+
+def _wait_for(check: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_process_that_leaves_chaining_to_another_only_writes_ahead(
+    tmp_path: Path, trails: list[SqlAuditLog]
+) -> None:
+    worker = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}", chain=False)
+    worker.migrate()
+    trails.append(worker)
+    for i in range(3):
+        _write(worker, f"p-w{i}")
+    time.sleep(audit.INDEX_SECONDS * 3)
+    assert worker._indexer is None and _chained(tmp_path) == []  # pending, not chained
+    parent = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
+    trails.append(parent)
+    parent.keep_chained()  # chains what any process writes, with no append of its own
+    _wait_for(lambda: len(_chained(tmp_path)) == 3)
+    assert _chained(tmp_path) == [(1, 1), (2, 1), (3, 1)]  # chained and indexed
+    _write(worker, "p-later")
+    _wait_for(lambda: len(_chained(tmp_path)) == 4)
+    assert _chained(tmp_path)[3] == (4, 1)
+    assert _seqs(worker, "p-later") == [4] and worker.verify().ok
+
+
+def test_served_by_several_workers_the_records_are_chained_by_the_parent_process(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "HIE_DATA_DIR": str(tmp_path),
+        "HIE_HTTP_PORT": str(port),
+        "HIE_HTTP_WORKERS": "2",
+        "HIE_MLLP_PORT": "0",
+        "HIE_DICOM_PORT": "0",
+        "HIE_LOG_LEVEL": "WARNING",
+    }
+    token = DevTokenIssuer(load_settings(data_dir=tmp_path)).issue("service", ttl=600)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hie.cli", "serve"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _healthy(base), 60)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as c:
+            patient = {"resourceType": "Patient", "id": "p-1", "name": [{"family": "Иванова"}]}
+            assert c.put("/fhir/Patient/p-1", json=patient).status_code == 201
+            for _ in range(6):  # over the keep-alive connection and new ones: both workers
+                assert c.get("/fhir/Patient/p-1").status_code == 200
+                assert httpx.get(f"{base}/fhir/Patient?_count=1").status_code == 401
+        # nobody reads the trail: the workers do not chain (HIE_AUDIT_CHAIN=false), the
+        # parent does, within a few INDEX_SECONDS
+        _wait_for(lambda: len(_chained(tmp_path)) == 13)
+        chained = _chained(tmp_path)
+        assert [seq for seq, _ in chained] == list(range(1, 14))
+        assert sum(refs for _, refs in chained) == 7  # the write and the reads: Patient/p-1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    trail = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
+    try:
+        assert trail.verify().ok and trail.count() == 13
+    finally:
+        trail.close()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_references_are_indexed_in_order_whichever_way_records_arrived(
