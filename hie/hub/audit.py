@@ -31,8 +31,6 @@ look up) is derived from the records and written **after** them, in batches
 thread of each process that appends (``hie serve``'s HTTP workers leave it to their parent
 process, :meth:`SqlAuditLog.keep_chained`), at least every :data:`INDEX_SECONDS`, and by every
 reader before it looks, so a reader always sees every record written before its query.
-Rows go in as multi-row INSERTs: the driver lets go of the interpreter lock for each
-statement, and taking it back from a thread serving requests cost more than the insert.
 Writing a record's ten-odd index rows at random places in the index, one commit per record,
 cost five times as much as the record itself.
 
@@ -95,7 +93,6 @@ PENDING_COMPACT = 8 << 20  # bytes: a fully chained pending file this large star
 # names the query and the patient, not each result); the page stays in the record.
 PAGE_SUBTYPES = frozenset({"search", "history", "everything"})
 MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
-ROWS_PER_INSERT = 500  # rows of one multi-row INSERT (5 columns: 2,500 parameters)
 
 meta = MetaData()
 audit_log = Table(
@@ -945,7 +942,10 @@ def _insert_chained(cur: sqlite3.Cursor, recs: Sequence[AuditRecord], now: int) 
     """Number and link ``recs`` after the last record and insert them (SQLite, inside the
     caller's write transaction)."""
     last = cur.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    _insert_rows(cur, "?", f"audit_log ({', '.join(_LOG_COLS)})", _chain(recs, last, now))
+    cur.executemany(
+        "INSERT INTO audit_log (seq, recorded, body, prev_hash, hash) VALUES (?,?,?,?,?)",
+        _chain(recs, last, now),
+    )
 
 
 def _size(path: Path) -> int:
@@ -1018,23 +1018,11 @@ def _insert_refs(
 ) -> None:
     """Insert ``refs`` and move the indexed position to ``last``."""
     if refs:
-        _insert_rows(cur, mark, "audit_ref (ref, seq)", refs)
+        cur.executemany(f"INSERT INTO audit_ref (ref, seq) VALUES ({mark}, {mark})", refs)
     if known:
         cur.execute(f"UPDATE audit_ref_position SET seq = {mark} WHERE id = 1", (last,))
     else:  # not migrated since references were deferred: indexed from the start
         cur.execute(f"INSERT INTO audit_ref_position (id, seq) VALUES (1, {mark})", (last,))
-
-
-def _insert_rows(cur: Any, mark: str, into: str, rows: Sequence[Sequence[object]]) -> None:
-    """Insert ``rows`` with few statements (``into``: the table and its columns; ``mark``:
-    the driver's parameter marker)."""
-    for i in range(0, len(rows), ROWS_PER_INSERT):
-        chunk = rows[i : i + ROWS_PER_INSERT]
-        row = "(" + ",".join([mark] * len(chunk[0])) + ")"
-        cur.execute(
-            f"INSERT INTO {into} VALUES " + ",".join([row] * len(chunk)),
-            [v for r in chunk for v in r],
-        )
 
 
 def chain_hash(prev: str, body: bytes) -> str:
