@@ -9,7 +9,6 @@ import asyncio
 import fcntl
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from hie.hub.audit import AuditRecord, SqlAuditLog, open_audit_log
 from hie.hub.auth import DevTokenIssuer
 from hie.hub.errors import StorageError
 from hie.hub.settings import load_settings
+from tests.fixtures.ports import free_port
 
 
 @pytest.fixture
@@ -167,9 +167,7 @@ def test_a_process_that_leaves_chaining_to_another_only_writes_ahead(
 def test_served_by_several_workers_the_records_are_chained_by_the_parent_process(
     tmp_path: Path,
 ) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "HIE_DATA_DIR": str(tmp_path),

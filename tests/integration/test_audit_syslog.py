@@ -26,6 +26,7 @@ from prometheus_client import REGISTRY
 
 from hie.hub.audit import AuditRecord, SqlAuditLog, open_audit_log
 from hie.hub.audit_export import BOM, AuditExporter, AuditExportError
+from tests.fixtures.ports import free_port
 from tests.fixtures.tls import Pki, make_pki
 
 FRAME = re.compile(
@@ -477,9 +478,7 @@ def test_rsyslogd_takes_the_messages(tmp_path: Path) -> None:
 
 
 def _rsyslogd_takes_the_messages(trail: SqlAuditLog, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "atna.log"
     conf = tmp_path / "rsyslog.conf"
     conf.write_text(

@@ -4,7 +4,6 @@ patient."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,14 +14,9 @@ from hie.adapters.mllp import frame
 from tests.fixtures.auth import bearer
 from tests.fixtures.hl7v2 import LAB_FACILITY, MRN_1, oru_message
 from tests.fixtures.labs import GP, GP_PATIENTS, as_transaction, lab_registry
+from tests.fixtures.ports import free_port
 from tests.fixtures.records import golden_id
 from tests.integration.test_mllp_transport import mllp_send
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_mllp_send_files_results_that_clinicians_then_find(client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
