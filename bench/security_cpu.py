@@ -4,7 +4,8 @@ app called directly, without an HTTP server, security on and off, in alternating
 ``bench/security.py`` gives the figures the issue's targets are about (p95 latency and
 throughput of a served hub), but on a two-core machine whose speed drifts by tens of percent
 within minutes, two runs of the same code differ by several points there. This one answers
-"did my change make security cheaper?": it measures the process's CPU time per request
+"did my change make security cheaper?" (to within a few tens of µs per request; the served
+figures move by more than that): it measures the process's CPU time per request
 (``time.process_time``: every thread, so the thread pool the routes run in is counted) with
 one request at a time, both apps in the same process over the same data, in many short
 alternating turns. The audit records a secured turn wrote are chained and indexed at the
