@@ -8,21 +8,28 @@ FHIR layer shows each as an AuditEvent following IHE Basic Audit Log Patterns
 
 Storage (:class:`SqlAuditLog`):
 
-- SQLite: its own database file (``audit.db`` beside the resource store), WAL with
-  ``synchronous=NORMAL``. An HTTP request's record is written before its response as one
-  line appended to ``audit.db.pending`` (one ``write`` to the operating system's cache: it
-  survives the hub's process being killed, as a ``synchronous=NORMAL`` commit does), then
-  numbered, chained and committed to ``audit_log`` in batches by the indexer below. A
-  request never takes the database's write lock nor the page cache another worker process
-  just invalidated: a commit of its own cost ~150 µs of CPU in a busy hub (py-spy), about
-  5 % of a search.
-  Other appends (MLLP, DICOM, a break-the-glass access, which needs its number at once) are
-  committed directly, after whatever is pending, by the writer thread below; processes hand
-  the write lock over through an ``flock``;
-- PostgreSQL: tables in the hub's database, each batch committed with
-  ``synchronous_commit=off`` (the same promise: the record is on the server, not yet
-  necessarily on its disk), by a writer thread that commits whatever requests queued
-  meanwhile together (:meth:`SqlAuditLog.append_async`).
+- SQLite: its own database file (``audit.db`` beside the resource store), WAL. An HTTP
+  request's record is written before its response as one line appended to
+  ``audit.db.pending`` (one ``write`` to the operating system's cache: it survives the hub's
+  process being killed), then numbered, chained and committed to ``audit_log`` in batches by
+  the indexer below. A request never takes the database's write lock nor the page cache
+  another worker process just invalidated: a commit of its own cost ~150 µs of CPU in a busy
+  hub (py-spy), about 5 % of a search. MLLP messages and DICOM associations write ahead the
+  same way; a break-the-glass access, which needs its number at once, is committed directly,
+  after whatever is pending; processes hand the write lock over through an ``flock``;
+- PostgreSQL: tables in the hub's database, each batch committed by a writer thread that
+  commits whatever requests queued meanwhile together (:meth:`SqlAuditLog.append_async`).
+
+**As durable as the data.** The record of an access that changed data (a write answered
+2xx, an HL7 message acknowledged ``AA``, a DICOM study stored) reaches the disk before the
+caller hears the answer, as the data did: the pending file is synced (``fdatasync``, in a
+thread: 0.1–0.2 ms here), a PostgreSQL batch holding one waits for its WAL flush. The
+records of reads and refusals are written the same way but not waited for (on PostgreSQL
+``synchronous_commit=off``: on the server, not yet necessarily on its disk); a power cut may
+take the last of them, never a record of a change the hub acknowledged. Commits to
+``audit.db`` are ``synchronous=FULL`` (the chaining commits about twice a second), so a
+synced record stays durable when its pending file is started over. ``sync_writes=False``
+(the hub's own SQLite data with ``HIE_SQLITE_SYNCHRONOUS=NORMAL``) syncs none of it.
 
 What each record is about (``audit_ref``: one row per patient concerned and, except for a
 search's page of results, per resource named; what ``AuditEvent?patient=`` and ``?entity=``
@@ -198,13 +205,16 @@ class _Waiter:
     """A caller of :meth:`SqlAuditLog.append` waiting for its batch's commit: a thread on an
     event, or a coroutine on a future of its event loop."""
 
-    __slots__ = ("done", "error", "future", "loop")
+    __slots__ = ("done", "durable", "error", "future", "loop")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop | None = None,
         future: asyncio.Future[None] | None = None,
+        *,
+        durable: bool = True,
     ) -> None:
+        self.durable = durable  # the record must be as durable as data before the answer
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.loop = loop
@@ -352,8 +362,11 @@ def audit_url(database_url: str, configured: str = "") -> str:
 class SqlAuditLog:
     """The trail on SQLite or PostgreSQL (see module docstring)."""
 
-    def __init__(self, url: str, *, chain: bool = True) -> None:
+    def __init__(self, url: str, *, chain: bool = True, sync_writes: bool = True) -> None:
         self.url = url
+        # the record of an access that changed data is made as durable as the data before
+        # the caller hears the answer (off where the data itself is not synced either)
+        self.sync_writes = sync_writes
         # whether this process chains what it writes ahead, in a thread of its own (off in
         # ``hie serve``'s HTTP workers: their parent does it, :meth:`keep_chained`)
         self._chains = chain
@@ -428,13 +441,15 @@ class SqlAuditLog:
             os.close(self._pending_fd)
             self._pending_fd = None
 
-    def append(self, rec: AuditRecord) -> AuditRecord:
-        """Add ``rec`` at the end of the chain; committed when this returns.
+    def append(self, rec: AuditRecord, *, durable: bool = True) -> AuditRecord:
+        """Add ``rec`` at the end of the chain; committed when this returns (``durable``: on
+        disk, not only in the database server's or operating system's memory, when
+        ``sync_writes``).
 
         Concurrent callers are committed together (group commit): a writer thread takes
         everything queued, appends it in one transaction and wakes each caller, so the
         trail keeps up with many requests at the cost of about one commit each batch."""
-        waiter = _Waiter()
+        waiter = _Waiter(durable=durable)
         self._enqueue(rec, waiter)
         if not waiter.done.wait(timeout=60):
             raise StorageError("the audit trail did not answer in 60 s")
@@ -444,32 +459,40 @@ class SqlAuditLog:
             ) from waiter.error
         return rec
 
-    def append_ahead(self, rec: AuditRecord) -> AuditRecord:
+    def append_ahead(self, rec: AuditRecord, *, durable: bool = False) -> AuditRecord:
         """:meth:`append` for a thread that needs no ``seq`` (an MLLP message's record, a
         DICOM association's): on SQLite written to the pending file like
-        :meth:`append_async`'s records (as durable as the ``synchronous=NORMAL`` commit it
-        replaces, and without waiting for one), chained within :data:`INDEX_SECONDS`."""
+        :meth:`append_async`'s records, chained within :data:`INDEX_SECONDS`. ``durable``
+        (the access changed data): synced to disk before this returns, as the data was."""
         if self._lock_file is not None:
             self._write_pending(rec)
+            if durable and self.sync_writes:
+                self._sync_pending()
             return rec
-        return self.append(rec)
+        return self.append(rec, durable=durable)
 
-    async def append_async(self, rec: AuditRecord, *, numbered: bool = False) -> AuditRecord:
+    async def append_async(
+        self, rec: AuditRecord, *, numbered: bool = False, durable: bool = False
+    ) -> AuditRecord:
         """:meth:`append` for a coroutine: waits on its own event loop, not a thread.
 
         On SQLite the record is written to the pending file on the loop (6 µs in a loop,
         against 34 µs for a commit) and chained within :data:`INDEX_SECONDS` (readers chain
-        it first if they come sooner); its ``seq`` is then still 0. ``numbered``: commit it to
-        the chain before returning, so ``rec.seq`` is its position (at once on the loop when
-        no one holds the write lock)."""
+        it first if they come sooner); its ``seq`` is then still 0. A write survives the
+        hub's process being killed; ``durable`` (the access changed data, which was synced
+        to disk): the file is synced too, in a thread, before this returns (0.1-0.2 ms
+        here). ``numbered``: commit it to the chain before returning, so ``rec.seq`` is its
+        position (at once on the loop when no one holds the write lock)."""
         if self._lock_file is not None and not numbered:
             self._write_pending(rec)
+            if durable and self.sync_writes:
+                await asyncio.get_running_loop().run_in_executor(None, self._sync_pending)
             return rec
         if self._append_now(rec):
             return rec
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._enqueue(rec, _Waiter(loop, future))
+        self._enqueue(rec, _Waiter(loop, future, durable=durable))
         try:
             await asyncio.wait_for(future, timeout=60)
         except TimeoutError:
@@ -501,7 +524,7 @@ class SqlAuditLog:
                     return
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             try:
-                self.append_many([r for r, _ in batch])
+                self.append_many([r for r, _ in batch], durable=any(w.durable for _, w in batch))
                 error = None
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 log.error("audit.append.failed", error=str(exc)[:300], records=len(batch))
@@ -509,8 +532,9 @@ class SqlAuditLog:
             for _, w in batch:
                 w.finish(error)
 
-    def append_many(self, recs: Sequence[AuditRecord]) -> None:
-        """Append ``recs`` in order in one transaction (chained, committed on return)."""
+    def append_many(self, recs: Sequence[AuditRecord], *, durable: bool = True) -> None:
+        """Append ``recs`` in order in one transaction (chained, committed on return;
+        ``durable``: see :meth:`append`)."""
         now = int(time.time() * 1_000_000)
         with self._lock:
             if self._lock_file is not None:
@@ -519,7 +543,7 @@ class SqlAuditLog:
                 if self.dialect == "sqlite":
                     self._append_sqlite(recs, now)
                 else:
-                    self._append_pg(recs, now)
+                    self._append_pg(recs, now, durable=durable and self.sync_writes)
             finally:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)
@@ -544,10 +568,12 @@ class SqlAuditLog:
         self._index_later()
         return True
 
-    def _append_pg(self, recs: Sequence[AuditRecord], now: int) -> None:
+    def _append_pg(self, recs: Sequence[AuditRecord], now: int, *, durable: bool) -> None:
         with self.engine.begin() as conn:
-            # PostgreSQL: no wait for the WAL flush, one appender at a time (the chain)
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            # PostgreSQL: no wait for the WAL flush unless a record must be as durable as the
+            # data it is about; one appender at a time (the chain)
+            if not durable:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7218300114)")
             last = conn.execute(_LAST).first()
             rows = _chain(recs, tuple(last) if last else None, now)
@@ -589,6 +615,18 @@ class SqlAuditLog:
             log.error("audit.append.failed", error=f"short write {written}/{len(line)}")
             raise StorageError("the audit trail is unavailable (disk full?)")
         self._index_later()
+
+    def _sync_pending(self) -> None:
+        """Sync the pending file's data to disk (what was written to it so far, by any
+        process)."""
+        fd = self._pending_fd
+        if fd is None:
+            raise StorageError("the audit trail is unavailable: its pending file cannot be opened")
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            log.error("audit.sync.failed", error=str(exc)[:300])
+            raise StorageError("the audit trail is unavailable (its disk failed a sync)") from exc
 
     def _chain_pending(self, cur: sqlite3.Cursor) -> list[AuditRecord]:
         """Move up to :data:`PENDING_BATCH` pending records into the chain, inside the
@@ -673,7 +711,10 @@ class SqlAuditLog:
                 self.url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
             )
             raw.execute("PRAGMA journal_mode=WAL")
-            raw.execute("PRAGMA synchronous=NORMAL")
+            # what is chained or appended here is on disk when committed (a sync every
+            # INDEX_SECONDS or so), so a record synced in the pending file stays durable when
+            # a compaction starts that file over
+            raw.execute(f"PRAGMA synchronous={'FULL' if self.sync_writes else 'NORMAL'}")
             raw.execute("PRAGMA busy_timeout=30000")
             # checkpoint (and fsync) every ~40 MB of WAL, not every 4 MB: the checkpoint runs
             # inside an append, before some request's answer
@@ -1034,7 +1075,9 @@ def _record(body: bytes) -> AuditRecord:
     return AuditRecord(**orjson.loads(body))
 
 
-def open_audit_log(database_url: str, configured: str = "", *, chain: bool = True) -> SqlAuditLog:
-    """The audit trail for a hub whose resource store is at ``database_url`` (``chain``: see
-    :class:`SqlAuditLog`)."""
-    return SqlAuditLog(audit_url(database_url, configured), chain=chain)
+def open_audit_log(
+    database_url: str, configured: str = "", *, chain: bool = True, sync_writes: bool = True
+) -> SqlAuditLog:
+    """The audit trail for a hub whose resource store is at ``database_url`` (``chain``,
+    ``sync_writes``: see :class:`SqlAuditLog`)."""
+    return SqlAuditLog(audit_url(database_url, configured), chain=chain, sync_writes=sync_writes)

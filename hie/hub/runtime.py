@@ -73,8 +73,15 @@ class Hub:
     @cached_property
     def audit(self) -> SqlAuditLog:
         """The audit trail (its tables are created on first use)."""
+        s = self.settings
         trail = open_audit_log(
-            self.settings.database_url, self.settings.audit_url, chain=self.settings.audit_chain
+            s.database_url,
+            s.audit_url,
+            chain=s.audit_chain,
+            # records of writes are synced as the writes are (not when SQLite's are not)
+            sync_writes=not (
+                s.database_url.startswith("sqlite") and s.sqlite_synchronous == "NORMAL"
+            ),
         )
         trail.migrate()
         return trail

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.exc import DBAPIError
 
 from hie.hub.audit import audit_url
@@ -153,7 +153,7 @@ def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type:
     async def broken(_rec: object, **_kw: object) -> object:
         raise StorageError("audit database is down")
 
-    def broken_now(_recs: object) -> None:
+    def broken_now(_recs: object, **_kw: object) -> None:
         raise StorageError("audit database is down")
 
     monkeypatch.setattr(client.hub.audit, "append_async", broken)
@@ -162,6 +162,50 @@ def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type:
     assert r.status_code == 503
     assert r.json()["resourceType"] == "OperationOutcome"
     assert two["obs_a"] not in r.text
+
+
+def test_the_record_of_a_write_is_as_durable_as_the_write(client, two, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    trail = client.hub.audit
+    asked: list[tuple[str, bool]] = []
+    real = trail.append_async
+
+    async def spy(rec: Any, **kw: Any) -> Any:
+        asked.append((rec.method, kw.get("durable", False)))
+        return await real(rec, **kw)
+
+    statements: list[str] = []
+    if trail.dialect == "postgresql":  # the records' own commits: synced or not
+        event.listen(trail.engine, "before_cursor_execute", _collect(statements))
+    monkeypatch.setattr(trail, "append_async", spy)
+    assert client.get(f"/fhir/Observation/{two['obs_a']}").status_code == 200
+    assert (
+        client.get(f"/fhir/Observation/{two['obs_a']}", headers={"Authorization": "x"}).status_code
+        == 401
+    )
+    changed = {**client.get(f"/fhir/Observation/{two['obs_a']}").json(), "status": "amended"}
+    assert client.put(f"/fhir/Observation/{two['obs_a']}", json=changed).status_code == 200
+    assert (
+        client.put(
+            f"/fhir/Observation/{two['obs_a']}", json={"resourceType": "Observation"}
+        ).status_code
+        == 400
+    )
+    assert asked == [("GET", False), ("GET", False), ("GET", False), ("PUT", True), ("PUT", False)]
+    if trail.dialect == "postgresql":  # each append: synced unless it says otherwise first
+        appends = [
+            "synchronous_commit TO OFF" in statements[i - 1]
+            for i, s in enumerate(statements)
+            if "pg_advisory_xact_lock(7218300114)" in s
+        ]
+        assert sorted(appends) == [False, True, True, True, True]  # only the write waited
+        assert trail.verify().ok
+
+
+def _collect(into: list[str]) -> Any:
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        into.append(statement)
+
+    return before
 
 
 def test_the_trail_is_append_only_and_tamper_evident(client, two, tmp_path) -> None:  # type: ignore[no-untyped-def]

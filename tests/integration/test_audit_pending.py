@@ -213,6 +213,44 @@ def _healthy(base: str) -> bool:
         return False
 
 
+def test_the_record_of_a_write_is_synced_to_disk_before_it_returns_and_a_reads_is_not(
+    tmp_path: Path, trails: list[SqlAuditLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail = _open(tmp_path, trails)
+    synced: list[int] = []
+    monkeypatch.setattr(audit.os, "fdatasync", synced.append)
+    asyncio.run(trail.append_async(_rec("p-read")))
+    trail.append_ahead(_rec("p-read-too"))
+    assert synced == []
+    asyncio.run(trail.append_async(_rec("p-wrote"), durable=True))
+    assert synced == [trail._pending_fd]
+    trail.append_ahead(_rec("p-wrote-too"), durable=True)  # MLLP, DICOM
+    assert synced == [trail._pending_fd] * 2
+    assert trail.count() == 4 and trail.verify().ok
+    # a hub whose data is not synced (HIE_SQLITE_SYNCHRONOUS=NORMAL) syncs no record either
+    loose = open_audit_log(f"sqlite:///{tmp_path / 'other' / 'hie.db'}", sync_writes=False)
+    loose.migrate()
+    trails.append(loose)
+    asyncio.run(loose.append_async(_rec("p-loose"), durable=True))
+    assert synced == [trail._pending_fd] * 2 and loose.count() == 1
+
+
+def test_a_record_that_cannot_be_synced_refuses(
+    tmp_path: Path, trails: list[SqlAuditLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail = _open(tmp_path, trails)
+
+    def failing(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(audit.os, "fdatasync", failing)
+    with pytest.raises(StorageError, match="failed a sync"):
+        asyncio.run(trail.append_async(_rec("p-io"), durable=True))
+    with pytest.raises(StorageError, match="failed a sync"):
+        trail.append_ahead(_rec("p-io-too"), durable=True)
+    asyncio.run(trail.append_async(_rec("p-fine")))  # a read's record needs no sync
+
+
 def test_references_are_indexed_in_order_whichever_way_records_arrived(
     tmp_path: Path, trails: list[SqlAuditLog]
 ) -> None:

@@ -88,3 +88,29 @@ def test_no_acknowledgement_when_the_trail_cannot_take_the_record(
     # kept for replay
     kept = listener.rejected.list(limit=5)
     assert any(k.control_id == "AUD-3" for k in kept)
+
+
+def test_the_record_of_applied_results_is_as_durable_as_the_results(
+    listener: Hl7Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail = listener.svc.trail
+    assert trail is not None
+    asked: list[tuple[str, bool]] = []
+    real = trail.append_ahead
+
+    def spy(rec: AuditRecord, **kw: Any) -> AuditRecord:
+        asked.append((rec.path, kw.get("durable", False)))
+        return real(rec, **kw)
+
+    monkeypatch.setattr(trail, "append_ahead", spy)
+    (ack,) = listener.process(oru_message("cbc", control_id="AUD-4"), PEER)
+    assert b"MSA|AA" in ack
+    stranger = oru_message(
+        "cbc",
+        control_id="AUD-5",
+        sending_application="NOBODY",
+        sending_facility=("X", "1.2", "ISO"),
+    )
+    (ack,) = listener.process(stranger, PEER)
+    assert b"MSA|AR" in ack
+    assert asked == [("mllp:ORU^R01 AUD-4", True), ("mllp:ORU^R01 AUD-5", False)]

@@ -251,6 +251,30 @@ def test_pynetdicom_statuses_for_good_duplicate_and_conflicting_instances(
     assert {k.sender for k in kept} == {f"{AE_A}|mo-dicom-a"}
 
 
+def test_the_record_of_a_stored_study_is_as_durable_as_the_instance(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trail = running.hub.audit
+    asked: list[tuple[int, bool]] = []
+    real = trail.append_ahead
+
+    def spy(rec: Any, **kw: Any) -> Any:
+        asked.append((rec.outcome, kw.get("durable", False)))
+        return real(rec, **kw)
+
+    monkeypatch.setattr(trail, "append_ahead", spy)
+    assoc = running.associate()
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(ct_instance(seed=3)).Status == 0x0000
+        no_series = ct_instance()
+        del no_series.SeriesInstanceUID
+        assert assoc.send_c_store(no_series).Status == 0xA900
+    finally:
+        assoc.release()
+    assert asked == [(0, True), (4, False)]  # stored: synced before the answer; refused: not
+
+
 def test_a_truncated_dataset_over_the_network_is_refused(
     running: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
