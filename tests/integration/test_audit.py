@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from hie.hub.audit import audit_url
 from hie.hub.errors import StorageError
+from tests.fixtures.audit import durability_asked
 from tests.fixtures.auth import bearer
 from tests.fixtures.records import encounter, golden_id, observation, person, post
 
@@ -166,17 +167,10 @@ def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type:
 
 def test_the_record_of_a_write_is_as_durable_as_the_write(client, two, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     trail = client.hub.audit
-    asked: list[tuple[str, bool]] = []
-    real = trail.append_async
-
-    async def spy(rec: Any, **kw: Any) -> Any:
-        asked.append((rec.method, kw.get("durable", False)))
-        return await real(rec, **kw)
-
     statements: list[str] = []
     if trail.dialect == "postgresql":  # the records' own commits: synced or not
         event.listen(trail.engine, "before_cursor_execute", _collect(statements))
-    monkeypatch.setattr(trail, "append_async", spy)
+    asked = durability_asked(monkeypatch, trail, "append_async", lambda r: r.method)
     assert client.get(f"/fhir/Observation/{two['obs_a']}").status_code == 200
     assert (
         client.get(f"/fhir/Observation/{two['obs_a']}", headers={"Authorization": "x"}).status_code

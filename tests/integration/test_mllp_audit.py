@@ -11,6 +11,7 @@ import pytest
 from hie.adapters.hl7_listener import Hl7Listener
 from hie.adapters.mllp import Peer
 from hie.hub.audit import AuditRecord, open_audit_log
+from tests.fixtures.audit import durability_asked
 from tests.fixtures.hl7v2 import oru_message
 from tests.fixtures.labs import LAB, lab_listener
 
@@ -52,14 +53,18 @@ def test_a_stored_result_is_audited_with_its_patient_and_resources(
     assert [r.seq for r in mine] == [rec.seq]
 
 
-def test_an_unknown_sender_is_audited_as_a_failed_attempt(listener: Hl7Listener) -> None:
-    raw = oru_message(
+def _from_a_stranger(control_id: str) -> bytes:
+    """An ORU^R01 from a sender the registry does not know."""
+    return oru_message(
         "cbc",
-        control_id="AUD-2",
+        control_id=control_id,
         sending_application="NOBODY",
         sending_facility=("NOWHERE", "1.2.643.5.1.13.99999", "ISO"),
     )
-    (ack,) = listener.process(raw, PEER)
+
+
+def test_an_unknown_sender_is_audited_as_a_failed_attempt(listener: Hl7Listener) -> None:
+    (ack,) = listener.process(_from_a_stranger("AUD-2"), PEER)
     assert b"MSA|AR" in ack
     rec = newest(listener)
     assert rec.agent is None and rec.outcome == 4 and rec.status == 400
@@ -93,24 +98,10 @@ def test_no_acknowledgement_when_the_trail_cannot_take_the_record(
 def test_the_record_of_applied_results_is_as_durable_as_the_results(
     listener: Hl7Listener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trail = listener.svc.trail
-    assert trail is not None
-    asked: list[tuple[str, bool]] = []
-    real = trail.append_ahead
-
-    def spy(rec: AuditRecord, **kw: Any) -> AuditRecord:
-        asked.append((rec.path, kw.get("durable", False)))
-        return real(rec, **kw)
-
-    monkeypatch.setattr(trail, "append_ahead", spy)
+    assert listener.svc.trail is not None
+    asked = durability_asked(monkeypatch, listener.svc.trail, "append_ahead", lambda r: r.path)
     (ack,) = listener.process(oru_message("cbc", control_id="AUD-4"), PEER)
     assert b"MSA|AA" in ack
-    stranger = oru_message(
-        "cbc",
-        control_id="AUD-5",
-        sending_application="NOBODY",
-        sending_facility=("X", "1.2", "ISO"),
-    )
-    (ack,) = listener.process(stranger, PEER)
+    (ack,) = listener.process(_from_a_stranger("AUD-5"), PEER)
     assert b"MSA|AR" in ack
     assert asked == [("mllp:ORU^R01 AUD-4", True), ("mllp:ORU^R01 AUD-5", False)]

@@ -29,6 +29,7 @@ from hie.fhir.service import FhirService
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import load_settings
 from hie.pacs.index import DicomIndex
+from tests.fixtures.audit import durability_asked
 from tests.fixtures.dicom import (
     AE_A,
     AE_B,
@@ -254,15 +255,7 @@ def test_pynetdicom_statuses_for_good_duplicate_and_conflicting_instances(
 def test_the_record_of_a_stored_study_is_as_durable_as_the_instance(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    trail = running.hub.audit
-    asked: list[tuple[int, bool]] = []
-    real = trail.append_ahead
-
-    def spy(rec: Any, **kw: Any) -> Any:
-        asked.append((rec.outcome, kw.get("durable", False)))
-        return real(rec, **kw)
-
-    monkeypatch.setattr(trail, "append_ahead", spy)
+    asked = durability_asked(monkeypatch, running.hub.audit, "append_ahead", lambda r: r.outcome)
     assoc = running.associate()
     assert assoc.is_established
     try:
