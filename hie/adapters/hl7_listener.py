@@ -184,8 +184,7 @@ class Hl7Listener:
                     path=f"mllp:{kind} {h.control_id if h else ''}".rstrip(),
                     source=peer.host if peer else None,
                     reason=first.message if first else None,
-                ),
-                durable=out.code == "AA",  # as durable as the results it wrote
+                )
             )
         except StorageError as exc:
             log.error("hl7.audit_failed", error=exc.message)

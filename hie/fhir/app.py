@@ -254,13 +254,8 @@ class AuditTrail:
                 if status >= 400 or not _unaudited(scope["path"]):
                     rec = _audit_record(scope, note, status)
                     try:
-                        # an emergency access is numbered at once: the patient's notice links
-                        # it; the record of a write is made as durable as the write
-                        await self.trail.append_async(
-                            rec,
-                            numbered=bool(note.overridden),
-                            durable=rec.action != "R" and status < 400,
-                        )
+                        # an emergency access is numbered at once: the patient's notice links it
+                        await self.trail.append_async(rec, numbered=bool(note.overridden))
                     except HieError as exc:
                         dropped = True
                         await _refuse(send, exc, None, challenge=False)

@@ -20,8 +20,9 @@ Storage (:class:`SqlAuditLog`):
 - PostgreSQL: tables in the hub's database, each batch committed by a writer thread that
   commits whatever requests queued meanwhile together (:meth:`SqlAuditLog.append_async`).
 
-**As durable as the data.** The record of an access that changed data (a write answered
-2xx, an HL7 message acknowledged ``AA``, a DICOM study stored) reaches the disk before the
+**As durable as the data.** The record of an access that changed data (its action a create,
+update or delete that succeeded, :meth:`SqlAuditLog.durable`: a write answered 2xx, an HL7
+message acknowledged ``AA``, a DICOM study stored) reaches the disk before the
 caller hears the answer, as the data did: the pending file is synced (``fdatasync``, in a
 thread: 0.1–0.2 ms here), a PostgreSQL batch holding one waits for its WAL flush. The
 records of reads and refusals are written the same way but not waited for (on PostgreSQL
@@ -100,6 +101,7 @@ PENDING_COMPACT = 8 << 20  # bytes: a fully chained pending file this large star
 # names the query and the patient, not each result); the page stays in the record.
 PAGE_SUBTYPES = frozenset({"search", "history", "everything"})
 MAX_ENTITIES = 200  # resources named in one record (a search page; more are counted)
+_CHANGES = frozenset("CUD")  # AuditEvent actions that change data: create, update, delete
 
 meta = MetaData()
 audit_log = Table(
@@ -205,16 +207,13 @@ class _Waiter:
     """A caller of :meth:`SqlAuditLog.append` waiting for its batch's commit: a thread on an
     event, or a coroutine on a future of its event loop."""
 
-    __slots__ = ("done", "durable", "error", "future", "loop")
+    __slots__ = ("done", "error", "future", "loop")
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop | None = None,
         future: asyncio.Future[None] | None = None,
-        *,
-        durable: bool = True,
     ) -> None:
-        self.durable = durable  # the record must be as durable as data before the answer
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.loop = loop
@@ -441,15 +440,21 @@ class SqlAuditLog:
             os.close(self._pending_fd)
             self._pending_fd = None
 
-    def append(self, rec: AuditRecord, *, durable: bool = True) -> AuditRecord:
-        """Add ``rec`` at the end of the chain; committed when this returns (``durable``: on
-        disk, not only in the database server's or operating system's memory, when
-        ``sync_writes``).
+    def durable(self, rec: AuditRecord) -> bool:
+        """Whether ``rec`` must be on disk before its caller is answered: it records an
+        access that changed data (a create, update or delete that succeeded: an HTTP write,
+        an HL7 message acknowledged ``AA``, a DICOM study stored), and the hub syncs its data
+        (``sync_writes``). Reads, queries and refusals are written, not waited for."""
+        return self.sync_writes and rec.action in _CHANGES and rec.outcome == 0
+
+    def append(self, rec: AuditRecord) -> AuditRecord:
+        """Add ``rec`` at the end of the chain; committed when this returns (on disk when
+        :meth:`durable`, not only in the database server's or operating system's memory).
 
         Concurrent callers are committed together (group commit): a writer thread takes
         everything queued, appends it in one transaction and wakes each caller, so the
         trail keeps up with many requests at the cost of about one commit each batch."""
-        waiter = _Waiter(durable=durable)
+        waiter = _Waiter()
         self._enqueue(rec, waiter)
         if not waiter.done.wait(timeout=60):
             raise StorageError("the audit trail did not answer in 60 s")
@@ -459,40 +464,38 @@ class SqlAuditLog:
             ) from waiter.error
         return rec
 
-    def append_ahead(self, rec: AuditRecord, *, durable: bool = False) -> AuditRecord:
+    def append_ahead(self, rec: AuditRecord) -> AuditRecord:
         """:meth:`append` for a thread that needs no ``seq`` (an MLLP message's record, a
         DICOM association's): on SQLite written to the pending file like
-        :meth:`append_async`'s records, chained within :data:`INDEX_SECONDS`. ``durable``
-        (the access changed data): synced to disk before this returns, as the data was."""
+        :meth:`append_async`'s records (synced before this returns when :meth:`durable`),
+        chained within :data:`INDEX_SECONDS`."""
         if self._lock_file is not None:
             self._write_pending(rec)
-            if durable and self.sync_writes:
+            if self.durable(rec):
                 self._sync_pending()
             return rec
-        return self.append(rec, durable=durable)
+        return self.append(rec)
 
-    async def append_async(
-        self, rec: AuditRecord, *, numbered: bool = False, durable: bool = False
-    ) -> AuditRecord:
+    async def append_async(self, rec: AuditRecord, *, numbered: bool = False) -> AuditRecord:
         """:meth:`append` for a coroutine: waits on its own event loop, not a thread.
 
         On SQLite the record is written to the pending file on the loop (6 µs in a loop,
         against 34 µs for a commit) and chained within :data:`INDEX_SECONDS` (readers chain
         it first if they come sooner); its ``seq`` is then still 0. A write survives the
-        hub's process being killed; ``durable`` (the access changed data, which was synced
-        to disk): the file is synced too, in a thread, before this returns (0.1-0.2 ms
-        here). ``numbered``: commit it to the chain before returning, so ``rec.seq`` is its
-        position (at once on the loop when no one holds the write lock)."""
+        hub's process being killed; when :meth:`durable` the file is synced too, in a
+        thread, before this returns (0.1-0.2 ms here). ``numbered``: commit it to the chain
+        before returning, so ``rec.seq`` is its position (at once on the loop when no one
+        holds the write lock)."""
         if self._lock_file is not None and not numbered:
             self._write_pending(rec)
-            if durable and self.sync_writes:
+            if self.durable(rec):
                 await asyncio.get_running_loop().run_in_executor(None, self._sync_pending)
             return rec
         if self._append_now(rec):
             return rec
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        self._enqueue(rec, _Waiter(loop, future, durable=durable))
+        self._enqueue(rec, _Waiter(loop, future))
         try:
             await asyncio.wait_for(future, timeout=60)
         except TimeoutError:
@@ -524,7 +527,7 @@ class SqlAuditLog:
                     return
                 batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
             try:
-                self.append_many([r for r, _ in batch], durable=any(w.durable for _, w in batch))
+                self.append_many([r for r, _ in batch])
                 error = None
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 log.error("audit.append.failed", error=str(exc)[:300], records=len(batch))
@@ -532,9 +535,9 @@ class SqlAuditLog:
             for _, w in batch:
                 w.finish(error)
 
-    def append_many(self, recs: Sequence[AuditRecord], *, durable: bool = True) -> None:
-        """Append ``recs`` in order in one transaction (chained, committed on return;
-        ``durable``: see :meth:`append`)."""
+    def append_many(self, recs: Sequence[AuditRecord]) -> None:
+        """Append ``recs`` in order in one transaction (chained, committed on return; on
+        disk if any of them is :meth:`durable`)."""
         now = int(time.time() * 1_000_000)
         with self._lock:
             if self._lock_file is not None:
@@ -543,7 +546,7 @@ class SqlAuditLog:
                 if self.dialect == "sqlite":
                     self._append_sqlite(recs, now)
                 else:
-                    self._append_pg(recs, now, durable=durable and self.sync_writes)
+                    self._append_pg(recs, now, durable=any(map(self.durable, recs)))
             finally:
                 if self._lock_file is not None:
                     fcntl.flock(self._lock_file, fcntl.LOCK_UN)

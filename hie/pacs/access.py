@@ -89,6 +89,5 @@ def audit_dimse(
             path=f"dicom:{subtype}{' ' + detail if detail else ''}",
             source=source,
             reason=reason,
-        ),
-        durable=subtype == "store" and outcome == 0,  # as durable as the instance stored
+        )
     )

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from hie.hub.audit import audit_url
 from hie.hub.errors import StorageError
-from tests.fixtures.audit import durability_asked
+from tests.fixtures.audit import durability_of
 from tests.fixtures.auth import bearer
 from tests.fixtures.records import encounter, golden_id, observation, person, post
 
@@ -154,7 +154,7 @@ def test_nothing_is_served_unaudited(client, two, monkeypatch) -> None:  # type:
     async def broken(_rec: object, **_kw: object) -> object:
         raise StorageError("audit database is down")
 
-    def broken_now(_recs: object, **_kw: object) -> None:
+    def broken_now(_recs: object) -> None:
         raise StorageError("audit database is down")
 
     monkeypatch.setattr(client.hub.audit, "append_async", broken)
@@ -170,7 +170,7 @@ def test_the_record_of_a_write_is_as_durable_as_the_write(client, two, monkeypat
     statements: list[str] = []
     if trail.dialect == "postgresql":  # the records' own commits: synced or not
         event.listen(trail.engine, "before_cursor_execute", _collect(statements))
-    asked = durability_asked(monkeypatch, trail, "append_async", lambda r: r.method)
+    asked = durability_of(monkeypatch, trail, lambda r: r.method)
     assert client.get(f"/fhir/Observation/{two['obs_a']}").status_code == 200
     assert (
         client.get(f"/fhir/Observation/{two['obs_a']}", headers={"Authorization": "x"}).status_code

@@ -47,13 +47,14 @@ def _open(tmp_path: Path, opened: list[SqlAuditLog], *, indexes: bool = False) -
     return trail
 
 
-def _rec(patient: str) -> AuditRecord:
+def _rec(patient: str, action: str = "R", outcome: int = 0) -> AuditRecord:
+    """The record of a read of Patient/``patient`` (``action`` C, U, D: of a change)."""
     return AuditRecord(
-        action="R",
-        subtype="read",
-        outcome=0,
-        status=200,
-        method="GET",
+        action=action,
+        subtype="read" if action == "R" else "update",
+        outcome=outcome,
+        status=200 if outcome == 0 else 400,
+        method="GET" if action == "R" else "PUT",
         path=f"/fhir/Patient/{patient}",
         agent="tester",
         patients=[patient],
@@ -221,17 +222,19 @@ def test_the_record_of_a_write_is_synced_to_disk_before_it_returns_and_a_reads_i
     monkeypatch.setattr(audit.os, "fdatasync", synced.append)
     asyncio.run(trail.append_async(_rec("p-read")))
     trail.append_ahead(_rec("p-read-too"))
+    asyncio.run(trail.append_async(_rec("p-refused", "U", outcome=4)))  # nothing changed
+    trail.append_ahead(_rec("p-query", "E"))  # a DICOM query, an operation
     assert synced == []
-    asyncio.run(trail.append_async(_rec("p-wrote"), durable=True))
+    asyncio.run(trail.append_async(_rec("p-wrote", "U")))
     assert synced == [trail._pending_fd]
-    trail.append_ahead(_rec("p-wrote-too"), durable=True)  # MLLP, DICOM
+    trail.append_ahead(_rec("p-wrote-too", "C"))  # MLLP, DICOM
     assert synced == [trail._pending_fd] * 2
-    assert trail.count() == 4 and trail.verify().ok
+    assert trail.count() == 6 and trail.verify().ok
     # a hub whose data is not synced (HIE_SQLITE_SYNCHRONOUS=NORMAL) syncs no record either
     loose = open_audit_log(f"sqlite:///{tmp_path / 'other' / 'hie.db'}", sync_writes=False)
     loose.migrate()
     trails.append(loose)
-    asyncio.run(loose.append_async(_rec("p-loose"), durable=True))
+    asyncio.run(loose.append_async(_rec("p-loose", "D")))
     assert synced == [trail._pending_fd] * 2 and loose.count() == 1
 
 
@@ -245,9 +248,9 @@ def test_a_record_that_cannot_be_synced_refuses(
 
     monkeypatch.setattr(audit.os, "fdatasync", failing)
     with pytest.raises(StorageError, match="failed a sync"):
-        asyncio.run(trail.append_async(_rec("p-io"), durable=True))
+        asyncio.run(trail.append_async(_rec("p-io", "C")))
     with pytest.raises(StorageError, match="failed a sync"):
-        trail.append_ahead(_rec("p-io-too"), durable=True)
+        trail.append_ahead(_rec("p-io-too", "C"))
     asyncio.run(trail.append_async(_rec("p-fine")))  # a read's record needs no sync
 
 

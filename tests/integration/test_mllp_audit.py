@@ -11,7 +11,7 @@ import pytest
 from hie.adapters.hl7_listener import Hl7Listener
 from hie.adapters.mllp import Peer
 from hie.hub.audit import AuditRecord, open_audit_log
-from tests.fixtures.audit import durability_asked
+from tests.fixtures.audit import durability_of
 from tests.fixtures.hl7v2 import oru_message
 from tests.fixtures.labs import LAB, lab_listener
 
@@ -99,7 +99,7 @@ def test_the_record_of_applied_results_is_as_durable_as_the_results(
     listener: Hl7Listener, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert listener.svc.trail is not None
-    asked = durability_asked(monkeypatch, listener.svc.trail, "append_ahead", lambda r: r.path)
+    asked = durability_of(monkeypatch, listener.svc.trail, lambda r: r.path)
     (ack,) = listener.process(oru_message("cbc", control_id="AUD-4"), PEER)
     assert b"MSA|AA" in ack
     (ack,) = listener.process(_from_a_stranger("AUD-5"), PEER)

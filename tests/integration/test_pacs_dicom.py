@@ -29,7 +29,7 @@ from hie.fhir.service import FhirService
 from hie.hub.runtime import Hub, open_hub
 from hie.hub.settings import load_settings
 from hie.pacs.index import DicomIndex
-from tests.fixtures.audit import durability_asked
+from tests.fixtures.audit import durability_of
 from tests.fixtures.dicom import (
     AE_A,
     AE_B,
@@ -42,10 +42,10 @@ from tests.fixtures.dicom import (
     dcmtk,
     dicom_registry,
     encode,
-    free_port,
     uid,
     write_file,
 )
+from tests.fixtures.ports import free_port
 
 pytestmark = pytest.mark.skipif(dcmtk("storescu") is None, reason="dcmtk is not installed")
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,7 +255,7 @@ def test_pynetdicom_statuses_for_good_duplicate_and_conflicting_instances(
 def test_the_record_of_a_stored_study_is_as_durable_as_the_instance(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    asked = durability_asked(monkeypatch, running.hub.audit, "append_ahead", lambda r: r.outcome)
+    asked = durability_of(monkeypatch, running.hub.audit, lambda r: r.outcome)
     assoc = running.associate()
     assert assoc.is_established
     try:
