@@ -36,7 +36,7 @@ from hie.demo import Generator
 from hie.hub.settings import load_settings
 from hie.hub.store import open_resource_store
 from tests.fixtures.auth import bearer
-from tests.fixtures.postgres import free_port
+from tests.fixtures.ports import free_port
 
 MARK = "urn:hie-test:crash"  # identifier system: one value per Patient/transaction write
 N_OBS = 20

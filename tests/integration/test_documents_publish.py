@@ -383,7 +383,7 @@ def test_body_over_the_limit_is_refused_while_streaming(client: Any, settings_fo
 
     from hie.fhir.app import create_app
     from hie.hub.runtime import open_hub
-    from tests.fixtures.postgres import free_port
+    from tests.fixtures.ports import free_port
 
     settings = settings_for(client.settings.database_url, max_document_bytes=256 * 1024)
     hub = open_hub(settings)

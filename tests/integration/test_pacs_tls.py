@@ -35,10 +35,10 @@ from tests.fixtures.dicom import (
     dcmtk,
     dicom_endpoint,
     dicom_registry,
-    free_port,
     write_file,
 )
 from tests.fixtures.dicom_qr import STUDY_ROOT_MOVE, listening, received, storescp
+from tests.fixtures.ports import free_port
 from tests.fixtures.tls import Pki, make_pki
 
 pytestmark = pytest.mark.skipif(dcmtk("storescu") is None, reason="dcmtk is not installed")
