@@ -85,6 +85,44 @@ def observation_ids(database_url: str, n: int, seed: int) -> list[str]:
     return random.Random(seed).sample(ids, min(n, len(ids)))
 
 
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options that say what data the security benchmarks run on."""
+    ap.add_argument("--observations", type=int, default=200_000)
+    ap.add_argument("--patients", type=int, default=5_000)
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--work", type=Path, default=None)
+
+
+def bench_data(
+    args: argparse.Namespace, prefix: str, *, reuse: bool = False
+) -> tuple[Path, str, list[str], list[str]]:
+    """The data dir, its database URL, the patient ids and 5,000 Observation ids: preloaded
+    (each patient in the care of :data:`MO`), or with ``reuse`` what ``--work`` holds."""
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    data_dir = work / "var"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{data_dir / 'hie.db'}"
+    if reuse and (data_dir / "hie.db").exists():
+        store = open_resource_store(url)
+        pids = [r.id for r in store.search(Query("Patient", count=args.patients)).items]
+        store.close()
+    else:
+        print(f"preloading {args.observations:,} Observations for {args.patients:,} patients …")
+        pids = preload(url, data_dir, args.observations, args.patients, args.seed, care_org=MO)
+    return data_dir, url, pids, observation_ids(url, 5_000, args.seed)
+
+
+def request_path(kind: str, rng: random.Random, obs: list[str], pids: list[str]) -> str:
+    """One request of ``kind``: a read of a random Observation, or a search of a random
+    patient's Observations of one code."""
+    if kind == "read":
+        return f"/fhir/Observation/{rng.choice(obs)}"
+    return (
+        f"/fhir/Observation?subject=Patient/{rng.choice(pids)}"
+        f"&code=http://loinc.org|{rng.choice(CODES)}"
+    )
+
+
 def drive(base: str, headers: dict[str, str], urls: list[list[str]]) -> tuple[list[float], float]:
     """Each client thread sends its URLs in order over its own connection (the connections
     spread evenly over the hub's worker processes); latencies and the wall time."""
@@ -118,39 +156,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--observations", type=int, default=200_000)
-    ap.add_argument("--patients", type=int, default=5_000)
+    add_data_arguments(ap)
     ap.add_argument("--clients", type=int, default=4)
     # many short turns: on this 2-core machine a turn's throughput varies by ±20 % (which
     # worker process accepts which keep-alive connection, other load), so the hubs alternate
     # often; 16 rounds (since 2026-11-24; 8 before): runs of 8 differed by up to 14 points
     ap.add_argument("--requests", type=int, default=250, help="per client, per kind, per round")
     ap.add_argument("--rounds", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="hie-bench-security-"))
-    data_dir = work / "var"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{data_dir / 'hie.db'}"
-    print(f"preloading {args.observations:,} Observations for {args.patients:,} patients …")
-    pids = preload(url, data_dir, args.observations, args.patients, args.seed, care_org=MO)
-    obs = observation_ids(url, 5_000, args.seed)
+    data_dir, url, pids, obs = bench_data(args, "hie-bench-security-")
     rng = random.Random(args.seed)
 
     def urls(kind: str) -> list[list[str]]:
-        if kind == "read":
-            return [
-                [f"/fhir/Observation/{rng.choice(obs)}" for _ in range(args.requests)]
-                for _ in range(args.clients)
-            ]
         return [
-            [
-                f"/fhir/Observation?subject=Patient/{rng.choice(pids)}"
-                f"&code=http://loinc.org|{rng.choice(CODES)}"
-                for _ in range(args.requests)
-            ]
+            [request_path(kind, rng, obs, pids) for _ in range(args.requests)]
             for _ in range(args.clients)
         ]
 

@@ -31,7 +31,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,15 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fhir_store import preload  # noqa: E402
-from security import CODES, MO, observation_ids  # noqa: E402
+from security import MO, add_data_arguments, bench_data, request_path  # noqa: E402
 
 from hie.fhir.app import create_app  # noqa: E402
 from hie.hub.auth import DevTokenIssuer  # noqa: E402
 from hie.hub.logging import configure  # noqa: E402
 from hie.hub.settings import load_settings  # noqa: E402
-from hie.hub.store import open_resource_store  # noqa: E402
-from hie.hub.store.port import Query  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "security_cpu.jsonl"
 
@@ -118,43 +114,29 @@ async def turns(
     return {k: {m: v / total * 1e6 for m, v in by.items()} for k, by in spent.items()}
 
 
+def _split(url: str) -> tuple[str, str]:
+    path, _, query = url.partition("?")
+    return path, query
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--observations", type=int, default=200_000)
-    ap.add_argument("--patients", type=int, default=5_000)
+    add_data_arguments(ap)
     ap.add_argument("--turns", type=int, default=12)
     ap.add_argument("--requests", type=int, default=500, help="per kind, per mode, per turn")
-    ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep the data --work already holds")
     args = ap.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="hie-bench-security-cpu-"))
-    data_dir = work / "var"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    url = f"sqlite:///{data_dir / 'hie.db'}"
     os.environ.update(HIE_LOG_LEVEL="WARNING", HIE_WORKER="false")
     configure("WARNING", "console")
-    if not (args.reuse and (data_dir / "hie.db").exists()):
-        print(f"preloading {args.observations:,} Observations for {args.patients:,} patients …")
-        preload(url, data_dir, args.observations, args.patients, args.seed, care_org=MO)
-    store = open_resource_store(url)
-    pids = [r.id for r in store.search(Query("Patient", count=args.patients)).items]
-    store.close()
-    obs = observation_ids(url, 5_000, args.seed)
+    data_dir, url, pids, obs = bench_data(args, "hie-bench-security-cpu-", reuse=args.reuse)
     rng = random.Random(args.seed)
     n = max(2 * args.requests, 2_000)
     requests = {
-        "read": [(f"/fhir/Observation/{rng.choice(obs)}", "") for _ in range(n)],
-        "search": [
-            (
-                "/fhir/Observation",
-                f"subject=Patient/{rng.choice(pids)}&code=http://loinc.org|{rng.choice(CODES)}",
-            )
-            for _ in range(n)
-        ],
+        kind: [_split(request_path(kind, rng, obs, pids)) for _ in range(n)]
+        for kind in ("read", "search")
     }
     common = {"data_dir": data_dir, "database_url": url, "rate_limit_per_second": 100_000.0}
     on = create_app(load_settings(**common, audit_chain=False), start_worker=False)
