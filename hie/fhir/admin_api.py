@@ -382,8 +382,9 @@ def admin_router(
     def run_replay(id: str) -> Json:
         svc.operation(OPERATION)
         ident = _ident(id)
-        # named first: the intake's writes add their resources and patients to this record
-        note_access("rejected-replay", action="E")
+        # named first: the intake's writes add their resources and patients to this record,
+        # a create (it files the message's records), so as durable as they are
+        note_access("rejected-replay", action="C")
         answer = _replay_answer(replayer.run(ident))
         log.info(
             "admin.rejected.replayed",

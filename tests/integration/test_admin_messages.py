@@ -298,7 +298,8 @@ def test_replay_after_the_sender_is_registered_stores_the_result(
     replayed = [x for x in recs if x.path == f"/admin/messages/{good_id}/$replay"]
     assert [x.status for x in replayed] == [409, 200, 200]  # newest first
     ok = replayed[1]
-    assert ok.action == "E" and ok.roles == ["admin"] and ok.outcome == 0
+    assert ok.action == "C" and ok.roles == ["admin"] and ok.outcome == 0
+    assert client.hub.audit.durable(ok)  # synced before the answer, as what it filed
     assert any(e.startswith("DiagnosticReport/") for e in ok.entities)
     assert ok.patients  # the patient the result was filed for
 
