@@ -673,6 +673,29 @@ class SqlAuditLog:
             _insert_chained(cur, recs, int(time.time() * 1_000_000))
         return recs
 
+    def unchained_bytes(self) -> int:
+        """How many bytes of records written ahead still wait to be chained (SQLite; always
+        0 on PostgreSQL, whose appends are chained as they commit). It only reads: no lock
+        taken, nothing chained. What ``/metrics`` shows as ``hie_audit_unchained_bytes``: it
+        should fall to 0 within :data:`INDEX_SECONDS` of a pause in requests, or the process
+        that chains (``hie serve``'s own) is not doing its work."""
+        if self._lock_file is None:
+            return 0
+        try:
+            with open(self._pending_path, "rb") as f:
+                generation = _generation(f.readline(200))
+                size = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            return 0
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(
+                    audit_pending_position.c.generation, audit_pending_position.c.next_byte
+                ).where(audit_pending_position.c.id == 1)
+            ).first()
+        done = int(row.next_byte) if row is not None and row.generation == generation else 0
+        return max(0, size - done)
+
     def _compact_pending(self) -> None:
         """Start the pending file over once it is large and fully chained (caller holds the
         locks, outside a transaction). Appenders are kept out by the exclusive ``flock``;

@@ -157,8 +157,10 @@ def test_a_process_that_leaves_chaining_to_another_only_writes_ahead(
     parent = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
     trails.append(parent)
     parent.keep_chained()  # chains what any process writes, with no append of its own
+    assert worker.unchained_bytes() == _pending(tmp_path).stat().st_size > 0
     _wait_for(lambda: len(_chained(tmp_path)) == 3)
     assert _chained(tmp_path) == [(1, 1), (2, 1), (3, 1)]  # chained and indexed
+    assert worker.unchained_bytes() == 0 == parent.unchained_bytes()
     _write(worker, "p-later")
     _wait_for(lambda: len(_chained(tmp_path)) == 4)
     assert _chained(tmp_path)[3] == (4, 1)
@@ -197,6 +199,9 @@ def test_served_by_several_workers_the_records_are_chained_by_the_parent_process
         chained = _chained(tmp_path)
         assert [seq for seq, _ in chained] == list(range(1, 14))
         assert sum(refs for _, refs in chained) == 7  # the write and the reads: Patient/p-1
+        # the backlog a worker shows operators is gone (the scrape is not audited)
+        metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"}).text
+        assert "\nhie_audit_unchained_bytes 0.0\n" in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
@@ -318,6 +323,7 @@ def test_a_large_pending_file_starts_over_once_chained_without_loss_or_repeats(
     trail.index_refs()
     head = _pending(tmp_path).read_bytes()
     assert head.startswith(b'{"pending":') and head.count(b"\n") == 1  # only a header left
+    assert trail.unchained_bytes() == 0
     for i in range(3):
         _write(trail, f"p-new-{i}")
     assert trail.count() == 13
@@ -337,6 +343,8 @@ def test_a_start_over_cut_short_before_its_commit_loses_nothing(
     # header, before committing the new position; appends went on meanwhile
     _pending(tmp_path).write_bytes(b'{"pending":"g2"}\n')
     _write(trail, "p-new")
+    # the new generation's bytes all wait: its header and the record
+    assert trail.unchained_bytes() == _pending(tmp_path).stat().st_size
     assert trail.count() == 4
     assert _seqs(trail, "p-new") == [4]
     assert [_seqs(trail, f"p-old-{i}") for i in range(3)] == [[1], [2], [3]]  # not again
