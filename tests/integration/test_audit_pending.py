@@ -154,10 +154,10 @@ def test_a_process_that_leaves_chaining_to_another_only_writes_ahead(
         _write(worker, f"p-w{i}")
     time.sleep(audit.INDEX_SECONDS * 3)
     assert worker._indexer is None and _chained(tmp_path) == []  # pending, not chained
+    assert worker.unchained_bytes() == _pending(tmp_path).stat().st_size > 0
     parent = open_audit_log(f"sqlite:///{tmp_path / 'hie.db'}")
     trails.append(parent)
     parent.keep_chained()  # chains what any process writes, with no append of its own
-    assert worker.unchained_bytes() == _pending(tmp_path).stat().st_size > 0
     _wait_for(lambda: len(_chained(tmp_path)) == 3)
     assert _chained(tmp_path) == [(1, 1), (2, 1), (3, 1)]  # chained and indexed
     assert worker.unchained_bytes() == 0 == parent.unchained_bytes()
