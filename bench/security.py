@@ -165,9 +165,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     # many short turns: on this 2-core machine a turn's throughput varies by ±20 % (which
     # worker process accepts which keep-alive connection, other load), so the hubs alternate
-    # often; 16 rounds (since 2026-11-24; 8 before): runs of 8 differed by up to 14 points
+    # often; 32 rounds (since 2026-11-25; 16 from 2026-11-24, 8 before): runs of 8 differed
+    # by up to 14 points, runs of 16 by up to 9 (two of ten missed a target the others met
+    # with 3-5 points to spare), three runs of 32 by under 3
     ap.add_argument("--requests", type=int, default=250, help="per client, per kind, per round")
-    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=32)
     args = ap.parse_args()
 
     data_dir, url, pids, obs = bench_data(args, "hie-bench-security-")
