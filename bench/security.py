@@ -229,7 +229,7 @@ def main() -> None:
                     r["wall"].append(wall)
                     r["n"].append(len(lat))
             print(f"  round {rnd + 1}/{args.rounds} done")
-        trail_records = _trail_count(data_dir)
+        trail_records = trail.count()
 
     summary: dict[str, Any] = {}
     for kind in ("read", "search"):
@@ -302,14 +302,6 @@ def settle(trail: SqlAuditLog) -> tuple[float, float]:
     wall0, cpu0 = time.perf_counter(), time.thread_time()
     trail.index_refs()
     return time.perf_counter() - wall0, time.thread_time() - cpu0
-
-
-def _trail_count(data_dir: Path) -> int:
-    trail = open_audit_log(f"sqlite:///{data_dir / 'hie.db'}")
-    try:
-        return trail.count()
-    finally:
-        trail.close()
 
 
 if __name__ == "__main__":

@@ -150,13 +150,15 @@ def _dates(v: Any) -> Iterator[tuple[int, int]]:
 def _plan(resource_type: str) -> tuple[tuple[SearchParam, tuple[str, ...] | None], ...]:
     """The type's parameters, each with the elements its paths start from (None when a path
     starts with a choice ``value[x]`` or a filter ``telecom(system=phone)``: always walked)."""
-    out: list[tuple[SearchParam, tuple[str, ...] | None]] = []
-    for param in params_for(resource_type).values():
-        firsts: tuple[str, ...] | None = tuple(dict.fromkeys(p[0] for p in param.paths if p))
-        if any(not p or p[0][-1] in ")]" for p in param.paths):
-            firsts = None
-        out.append((param, firsts))
-    return tuple(out)
+    return tuple(
+        (
+            param,
+            None
+            if any(not p or p[0][-1] in ")]" for p in param.paths)
+            else tuple(dict.fromkeys(p[0] for p in param.paths)),
+        )
+        for param in params_for(resource_type).values()
+    )
 
 
 def extract(res: dict[str, Any]) -> IndexRows:

@@ -643,12 +643,9 @@ class SqlAuditLog:
         except OSError as exc:  # records may wait in it: no answer rather than an incomplete one
             raise StorageError(f"the audit trail's pending file is unreadable: {exc}") from exc
         with f:
-            head = f.readline(200)
-            generation = _generation(head)
-            row = cur.execute(
-                "SELECT generation, next_byte FROM audit_pending_position WHERE id = 1"
-            ).fetchone()
-            offset = int(row[1]) if row and row[0] == generation else 0
+            generation = _generation(f.readline(200))
+            row = cur.execute(_POSITION_SQL).fetchone()
+            offset = _resume_at(row, generation)
             f.seek(offset)
             recs: list[AuditRecord] = []
             while len(recs) < PENDING_BATCH:
@@ -688,13 +685,8 @@ class SqlAuditLog:
         except FileNotFoundError:
             return 0
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(
-                    audit_pending_position.c.generation, audit_pending_position.c.next_byte
-                ).where(audit_pending_position.c.id == 1)
-            ).first()
-        done = int(row.next_byte) if row is not None and row.generation == generation else 0
-        return max(0, size - done)
+            row = conn.exec_driver_sql(_POSITION_SQL).first()
+        return max(0, size - _resume_at(row, generation))
 
     def _compact_pending(self) -> None:
         """Start the pending file over once it is large and fully chained (caller holds the
@@ -1020,6 +1012,16 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+_POSITION_SQL = "SELECT generation, next_byte FROM audit_pending_position WHERE id = 1"
+
+
+def _resume_at(row: Sequence[Any] | None, generation: str) -> int:
+    """Where chaining resumes in a pending file whose header names ``generation``, from the
+    position row (``_POSITION_SQL``): the byte after the last record taken if the row is
+    about that generation, else the file's start (it was started over since)."""
+    return int(row[1]) if row is not None and row[0] == generation else 0
 
 
 def _generation(line: bytes) -> str:
